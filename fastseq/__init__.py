@@ -1,0 +1,1 @@
+"""fastseq: fused recurrent and attention kernels behind drop-in torch.nn modules."""
