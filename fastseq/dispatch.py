@@ -1,0 +1,159 @@
+"""Which backends exist on this machine, and which one runs a given call.
+
+Backends (SPEC.md): ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpp"``, ``"torch"``. An explicit backend never falls
+back: where it cannot run a call, :func:`select` raises :class:`BackendUnavailableError` saying why. ``"auto"``
+picks the fastest fastseq backend that can run the call and falls back to ``"torch"`` where none can.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
+
+# Read once, at import: Triton decides between compiling and interpreting when a kernel is defined, which
+# happens when fastseq is imported, so the variable must be set before that.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# dtypes each kernel backend computes in (float32 accumulation inside); float64 stays with torch.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this call (no GPU, not built, dtype, size or device)."""
+
+
+def check_backend_name(backend: object) -> str:
+    """Return ``backend`` if it names a backend, else raise ``ValueError`` naming it and the valid ones."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        valid = ", ".join(repr(b) for b in BACKENDS)
+        raise ValueError(f"backend must be one of {valid}; got {backend!r}")
+    return backend
+
+
+def _triton_status() -> tuple[bool, str | None]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:  # pragma: no cover - triton is a dependency, but may be broken
+        return False, f"triton is not importable: {e}"
+    if TRITON_INTERPRET:
+        return True, None
+    if not torch.cuda.is_available():
+        return False, ("no CUDA GPU is visible; set TRITON_INTERPRET=1 before importing fastseq to run the "
+                       "Triton kernels on CPU tensors (slowly, for testing)")
+    return True, None
+
+
+def _load_extension():
+    """The compiled extension ``fastseq._C``, or the reason it is absent."""
+    try:
+        return importlib.import_module("fastseq._C"), None
+    except ImportError as e:
+        return None, f"the compiled extension fastseq._C is not built ({e}); see the README on building it"
+
+
+_EXTENSION, _EXTENSION_MISSING = _load_extension()
+# Operators the extension implements, per device type (empty where it is not built).
+EXTENSION_OPS = {
+    dev: frozenset(_EXTENSION.kernels(dev)) if _EXTENSION is not None else frozenset() for dev in ("cpu", "cuda")
+}
+
+
+def _cuda_status() -> tuple[bool, str | None]:
+    if _EXTENSION is None:
+        return False, _EXTENSION_MISSING
+    if not _EXTENSION.built_with_cuda():
+        return False, "fastseq._C was built without CUDA (no CUDA toolkit found, or FASTSEQ_NO_CUDA=1)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU is visible"
+    if not EXTENSION_OPS["cuda"]:
+        return False, "fastseq._C has no CUDA kernels yet"
+    return True, None
+
+
+def _cpp_status() -> tuple[bool, str | None]:
+    if _EXTENSION is None:
+        return False, _EXTENSION_MISSING
+    if not EXTENSION_OPS["cpu"]:
+        return False, "fastseq._C has no CPU kernels yet"
+    return True, None
+
+
+# Availability is fixed for the life of the process: computed once here, so that backend selection is
+# plain dictionary work that torch.compile traces without a graph break.
+_STATUS = {
+    "auto": (True, None),
+    "torch": (True, None),
+    "triton": _triton_status(),
+    "cuda": _cuda_status(),
+    "cpp": _cpp_status(),
+}
+
+
+def _status(backend: str) -> tuple[bool, str | None]:
+    return _STATUS[backend]
+
+
+def backends() -> dict[str, dict[str, object]]:
+    """For each backend name, ``{"available": bool, "reason": str | None}`` on this machine."""
+    out = {}
+    for name in BACKENDS:
+        available, reason = _status(name)
+        out[name] = {"available": available, "reason": reason}
+    return out
+
+
+# Operators each kernel backend implements. The extension reports its own; Triton's are listed here.
+TRITON_OPS = frozenset({"lstm_cell", "gru_cell", "rnn_cell"})
+
+
+def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``backend`` cannot run ``op`` on ``device``/``dtype``, or ``None`` if it can."""
+    available, reason = _status(backend)
+    if not available:
+        return reason
+    if backend == "triton":
+        if op not in TRITON_OPS:
+            return f"there is no Triton kernel for {op} yet"
+        if device.type != "cuda" and not (device.type == "cpu" and TRITON_INTERPRET):
+            return (f"Triton kernels take CUDA tensors; got a tensor on {device}. Set TRITON_INTERPRET=1 "
+                    f"before importing fastseq to run them on CPU tensors")
+    elif backend == "cuda":
+        if device.type != "cuda":
+            return f"the CUDA kernels take CUDA tensors; got a tensor on {device}"
+        if op not in EXTENSION_OPS["cuda"]:
+            return f"fastseq._C has no CUDA kernel for {op}"
+    elif backend == "cpp":
+        if device.type != "cpu":
+            return f"the C++ kernels take CPU tensors; got a tensor on {device}"
+        if op not in EXTENSION_OPS["cpu"]:
+            return f"fastseq._C has no CPU kernel for {op}"
+    if dtype not in KERNEL_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES)
+        return (f"it does not take {str(dtype).removeprefix('torch.')} (it takes {names}); "
+                f"use backend='torch' or 'auto'")
+    return None
+
+
+# Preference of "auto" per device type. The interpreter is a test tool, never a fast path, so "auto" on CPU
+# does not pick Triton. The order on CUDA is provisional until the benchmark suite records crossovers.
+_AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype, requested: str) -> str:
+    """The backend that runs ``op`` on tensors of ``device``/``dtype`` given the ``requested`` one."""
+    check_backend_name(requested)
+    if requested == "torch":
+        return "torch"
+    if requested == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ()):
+            if _why_not(candidate, op, device, dtype) is None:
+                return candidate
+        return "torch"
+    reason = _why_not(requested, op, device, dtype)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend={requested!r} cannot run {op}: {reason}")
+    return requested

@@ -1,0 +1,3 @@
+"""Operators of fastseq (``torch.ops.fastseq.*``): schemas, fake implementations, autograd."""
+
+from fastseq.ops import cells  # noqa: F401  (registers the cell operators)

@@ -1,0 +1,1 @@
+"""Triton kernels of fastseq, one family per file (shipped as ``fastseq.kernels``)."""
