@@ -66,7 +66,8 @@ def _cuda_status() -> tuple[bool, str | None]:
     if _EXTENSION is None:
         return False, _EXTENSION_MISSING
     if not _EXTENSION.built_with_cuda():
-        return False, "fastseq._C was built without CUDA (no CUDA toolkit found, or FASTSEQ_NO_CUDA=1)"
+        return False, ("fastseq._C was built without CUDA kernels (none written yet, no CUDA toolkit found at build "
+                       "time, or FASTSEQ_NO_CUDA=1)")
     if not torch.cuda.is_available():
         return False, "no CUDA GPU is visible"
     if not EXTENSION_OPS["cuda"]:

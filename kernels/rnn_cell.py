@@ -68,8 +68,20 @@ def _load_f32(ptr, rows, cols, stride_r, stride_c, n_rows, n_cols):
 
 
 @triton.jit
+def _round_to_bf16(x):
+    """float32 → the float32 nearest to a bfloat16 (round to nearest, ties to even), so the cast after it is
+    exact. The GPU's own conversion rounds the same way; the interpreter's truncates, which this corrects.
+    NaN and ±inf keep their class (the added bits never reach the exponent of an all-ones pattern)."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _store_tile(ptr, value, rows, cols, stride_r, stride_c, n_rows, n_cols):
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    if ptr.dtype.element_ty == tl.bfloat16:
+        value = _round_to_bf16(value.to(tl.float32))
     tl.store(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, value.to(ptr.dtype.element_ty), mask=mask)
 
 

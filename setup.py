@@ -1,0 +1,78 @@
+"""Build of fastseq: the Python package, the Triton kernels (as ``fastseq.kernels``) and, where it can be built,
+the compiled extension ``fastseq._C``.
+
+The extension needs torch at build time, so build it with ``pip install --no-build-isolation .`` after torch is
+installed. Environment switches:
+
+- ``FASTSEQ_NO_EXTENSION=1``: skip the compiled extension (pure Python + Triton package).
+- ``FASTSEQ_NO_CUDA=1``: build only the C++ (CPU) part even where a CUDA toolkit is found.
+- ``CUDA_HOME``: the CUDA toolkit whose ``nvcc`` compiles ``csrc/cuda/*.cu`` (found automatically by torch).
+- ``TORCH_CUDA_ARCH_LIST``: the GPU architectures to compile for; default ``"8.0;9.0"``.
+- ``MAX_JOBS``: parallel compile jobs (ninja).
+
+Without torch in the build environment, or without a C++ compiler, the package installs without the
+extension, and ``fastseq.backends()`` says why "cpp" and "cuda" are unavailable.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+def _note(msg: str) -> None:
+    print(f"fastseq setup: {msg}", file=sys.stderr)
+
+
+def _extension():
+    """``(ext_modules, cmdclass)`` for fastseq._C, or empty where it cannot be built here."""
+    if _flag("FASTSEQ_NO_EXTENSION"):
+        _note("FASTSEQ_NO_EXTENSION is set: building without the compiled extension")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        _note("torch is not importable at build time (use --no-build-isolation): no compiled extension")
+        return [], {}
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        _note(f"no C++ compiler ({cxx}) found: building without the compiled extension")
+        return [], {}
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    cxx_flags = ["-O3", "-std=c++17"]
+    use_cuda = bool(cuda_sources) and not _flag("FASTSEQ_NO_CUDA") and cpp_extension.CUDA_HOME is not None
+    if cuda_sources and not use_cuda:
+        _note("CUDA sources skipped (FASTSEQ_NO_CUDA set or no CUDA toolkit found)")
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        ext = cpp_extension.CUDAExtension(
+            "fastseq._C", sources + cuda_sources,
+            extra_compile_args={"cxx": cxx_flags + ["-DFASTSEQ_WITH_CUDA"],
+                                "nvcc": ["-O3", "-std=c++17", "-DFASTSEQ_WITH_CUDA", "--use_fast_math",
+                                         "-lineinfo"]})
+    else:
+        ext = cpp_extension.CppExtension("fastseq._C", sources, extra_compile_args={"cxx": cxx_flags})
+    _note(f"building fastseq._C against torch {torch.__version__} ({'C++ and CUDA' if use_cuda else 'C++'})")
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+ext_modules, cmdclass = _extension()
+
+setup(
+    packages=["fastseq", "fastseq.ops", "fastseq.nn", "fastseq.kernels"],
+    package_dir={"fastseq": "fastseq", "fastseq.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,54 @@
+"""Shared test set-up: the Triton interpreter on machines without a GPU, NaN-poisoned ``torch.empty``, and the
+``device``/``kernel_backend`` parametrisation over what this machine has."""
+
+import os
+
+import torch
+
+# Triton picks compiling or interpreting when a kernel is defined, i.e. when fastseq is imported: decide now.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastseq  # noqa: E402
+
+_torch_empty = torch.empty
+
+
+def _poisoned_empty(*args, **kwargs):
+    """``torch.empty`` whose floating-point memory is NaN, so an element a kernel forgets to write fails."""
+    t = _torch_empty(*args, **kwargs)
+    if t.is_floating_point() or t.is_complex():
+        with torch.no_grad():
+            t.fill_(float("nan"))
+    return t
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch):
+    monkeypatch.setattr(torch, "empty", _poisoned_empty)
+
+
+def _device_params():
+    cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+    return [pytest.param("cpu"), pytest.param("cuda", marks=[pytest.mark.cuda, cuda])]
+
+
+@pytest.fixture(params=_device_params())
+def device(request):
+    return torch.device(request.param)
+
+
+KERNEL_BACKENDS = ("triton", "cuda", "cpp")
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request, device):
+    """Each fastseq kernel backend that can run the cells on ``device`` here; the others skip, saying why."""
+    name = request.param
+    try:
+        fastseq.dispatch.select("lstm_cell", device, torch.float32, name)
+    except fastseq.BackendUnavailableError as e:
+        pytest.skip(str(e))
+    return name
