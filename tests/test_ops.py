@@ -1,0 +1,133 @@
+"""Every fastseq operator passes ``torch.library.opcheck``, and ``torch.compile(fullgraph=True)`` over the cells
+compiles without a graph break and gives eager's numbers, forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fastseq
+from fastseq.ops import cells as ops
+
+
+def _params(gates, input_size, hidden_size, device, requires_grad, bias=True):
+    def p(*shape):
+        return torch.randn(*shape, device=device, requires_grad=requires_grad)
+
+    w_ih, w_hh = p(gates * hidden_size, input_size), p(gates * hidden_size, hidden_size)
+    return (w_ih, w_hh, p(gates * hidden_size), p(gates * hidden_size)) if bias else (w_ih, w_hh, None, None)
+
+
+def _forward_cases(device, backend):
+    """(operator, args) for each forward operator over state/no-state, bias/no-bias, save/no-save, grad/no-grad."""
+    B, I, H = 3, 5, 7
+    for requires_grad in (False, True):
+        for save in (False, True):
+            for with_state in (True, False):
+                for bias in (True, False):
+                    x = torch.randn(B, I, device=device, requires_grad=requires_grad)
+
+                    def state():
+                        if not with_state:
+                            return None
+                        return torch.randn(B, H, device=device, requires_grad=requires_grad)
+
+                    yield ops.lstm_cell, (x, state(), state(), *_params(4, I, H, device, requires_grad, bias),
+                                          backend, save)
+                    yield ops.gru_cell, (x, state(), *_params(3, I, H, device, requires_grad, bias), backend, save)
+                    for nl in ("tanh", "relu"):
+                        yield ops.rnn_cell, (x, state(), *_params(1, I, H, device, requires_grad, bias), nl,
+                                             backend, save)
+
+
+def test_opcheck_forward_operators(device, kernel_backend):
+    for op, args in _forward_cases(device, kernel_backend):
+        torch.library.opcheck(op, args)
+
+
+def test_opcheck_backward_operators(device, kernel_backend):
+    B, I, H = 3, 5, 7
+    x = torch.randn(B, I, device=device)
+    h, c = torch.randn(B, H, device=device), torch.randn(B, H, device=device)
+    g = lambda: torch.randn(B, H, device=device)  # noqa: E731
+    for with_state in (True, False):
+        hx, cx = (h, c) if with_state else (None, None)
+        for need_input_grad in (True, False):
+            p = _params(4, I, H, device, False)
+            ws = ops.lstm_cell(x, hx, cx, *p, kernel_backend, True)[2]
+            torch.library.opcheck(ops.lstm_cell_backward,
+                                  (g(), g(), ws, hx, cx, p[0], p[1], kernel_backend, need_input_grad))
+            p = _params(3, I, H, device, False)
+            ws = ops.gru_cell(x, hx, *p, kernel_backend, True)[1]
+            torch.library.opcheck(ops.gru_cell_backward, (g(), ws, hx, p[0], p[1], kernel_backend, need_input_grad))
+            for nl in ("tanh", "relu"):
+                p = _params(1, I, H, device, False)
+                ws = ops.rnn_cell(x, hx, *p, nl, kernel_backend, True)[1]
+                torch.library.opcheck(ops.rnn_cell_backward,
+                                      (g(), ws, with_state, p[0], p[1], nl, kernel_backend, need_input_grad))
+
+
+CELLS = [
+    (fastseq.LSTMCell, {}),
+    (fastseq.GRUCell, {}),
+    (fastseq.RNNCell, {"nonlinearity": "tanh"}),
+    (fastseq.RNNCell, {"nonlinearity": "relu"}),
+]
+
+
+@pytest.mark.parametrize("cls,kw", CELLS, ids=["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_compile_fullgraph_forward_and_backward(cls, kw, device, kernel_backend):
+    torch._dynamo.reset()
+    cell = cls(6, 9, backend=kernel_backend, device=device, **kw)
+    x = torch.randn(4, 6, device=device, requires_grad=True)
+    state = torch.randn(4, 9, device=device)
+    state = (state, torch.randn(4, 9, device=device)) if cls is fastseq.LSTMCell else state
+
+    def step(x, state):
+        out = cell(x, state)
+        return (out[0] * out[1]).sum() if isinstance(out, tuple) else out.square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, state)
+    loss.backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for p in cell.parameters()]
+    x.grad = None
+    cell.zero_grad()
+    expected = step(x, state)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    for got, want in zip(grads, [x.grad] + [p.grad for p in cell.parameters()]):
+        torch.testing.assert_close(got, want)
+
+
+def test_compile_fullgraph_decoder_loop_no_grad(device, kernel_backend):
+    """Inference under compile: a decoder loop of a GRU cell inside no_grad, unbatched input included."""
+    torch._dynamo.reset()
+    cell = fastseq.GRUCell(5, 8, backend=kernel_backend, device=device)
+    proj = nn.Linear(8, 5, device=device)
+
+    def decode(x, h, steps: int):
+        for _ in range(steps):
+            h = cell(x, h)
+            x = proj(h)
+        return h
+
+    x, h = torch.randn(5, device=device), torch.randn(8, device=device)
+    with torch.no_grad():
+        got = torch.compile(decode, fullgraph=True, backend="aot_eager")(x, h, 3)
+        want = decode(x, h, 3)
+    torch.testing.assert_close(got, want)
+
+
+def test_compile_inductor_backend(device, kernel_backend):
+    """The default compiler (inductor) too, for one cell."""
+    torch._dynamo.reset()
+    cell = fastseq.LSTMCell(4, 6, backend=kernel_backend, device=device)
+    x = torch.randn(3, 4, device=device, requires_grad=True)
+    h, c = torch.compile(cell, fullgraph=True)(x)
+    (h.sum() + c.sum()).backward()
+    h2, c2 = cell(x)
+    torch.testing.assert_close(h, h2)
+    torch.testing.assert_close(c, c2)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
