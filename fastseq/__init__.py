@@ -24,6 +24,7 @@ def _bind_source_kernels() -> None:
     module = _importlib_util.module_from_spec(spec)
     _sys.modules["fastseq.kernels"] = module
     spec.loader.exec_module(module)
+    globals()["kernels"] = module
 
 
 _bind_source_kernels()

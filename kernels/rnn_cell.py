@@ -9,8 +9,9 @@ other programs. It loops over the reduction dimension in ``BLOCK_K`` slices, fir
 ``W_ih`` then of ``h`` against ``W_hh``, keeping one ``(BLOCK_B, BLOCK_H)`` float32 accumulator per gate
 (GRU keeps the hidden-side candidate apart, since the reset gate scales it). Biases, nonlinearities and the
 update happen in registers; only ``h'`` (and ``c'``) are written. In training the program also writes a
-float32 workspace for backward (LSTM: i, f, g, o, c'; GRU: r, z, n, W_hn·h + b_hn; RNN: h'); in inference
-the gates never leave the chip.
+float32 workspace for backward: the gate *pre-activations* (LSTM: a_i, a_f, a_g, a_o and c'; GRU: a_r, a_z,
+a_n and W_hn·h + b_hn; RNN: a), from which backward derives each gate and its slope without the cancellation
+of ``1 − y²`` or ``σ(1 − σ)`` near saturation; in inference the gates never leave the chip.
 
 Backward, one launch. Program ``(pb, 0)`` does the pointwise part alone: it turns the output gradients and
 the workspace into the pre-activation gate gradients ``dA`` (written, because the weight gradients
@@ -38,20 +39,40 @@ import triton.language as tl
 
 
 @triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+def _sigmoid_and_grad(a):
+    """σ(a) and σ'(a) = e / (1 + e)² with e = exp(−|a|): no overflow, and no cancellation in 1 − σ near
+    saturation, where the textbook σ(1 − σ) from a rounded σ loses most of its digits."""
+    e = tl.exp(-tl.abs(a))
+    d = 1.0 / (1.0 + e)
+    return tl.where(a >= 0.0, d, e * d), e * d * d
+
+
+@triton.jit
+def _sigmoid(a):
+    s, _ = _sigmoid_and_grad(a)
+    return s
+
+
+@triton.jit
+def _tanh_grad(a):
+    """tanh'(a) = 1 − tanh²(a) = 4e / (1 + e)² with e = exp(−2|a|), exact to rounding even where tanh ≈ ±1."""
+    e = tl.exp(-2.0 * tl.abs(a))
+    d = 1.0 / (1.0 + e)
+    return 4.0 * e * d * d
 
 
 @triton.jit
 def _tanh(x):
-    # tanh|x| = (1 - e) / (1 + e) with e = exp(-2|x|) never overflows; near 0 that difference cancels, so
-    # small |x| use the odd Taylor series (next term < 1e-8 relative below |x| = 0.25). NaN falls through.
+    # |x| < 0.625: an odd minimax polynomial (Cephes' tanhf coefficients, ~1 ulp); beyond, 1 − 2/(e^{2|x|} + 1),
+    # which neither overflows (e = inf gives 1) nor cancels badly (the subtracted term is < 0.45).
+    # NaN falls through both branches.
     ax = tl.abs(x)
-    e = tl.exp(-2.0 * ax)
-    big = (1.0 - e) / (1.0 + e)
-    x2 = ax * ax
-    small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
-    t = tl.where(ax < 0.25, small, big)
+    z = ax * ax
+    p = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1) * z
+         - 3.33332819422e-1)
+    small = ax + ax * z * p
+    big = 1.0 - 2.0 / (tl.exp(2.0 * ax) + 1.0)
+    t = tl.where(ax < 0.625, small, big)
     return tl.where(x < 0.0, -t, t)
 
 
@@ -154,12 +175,12 @@ def lstm_cell_fwd_kernel(
     h_new = o * _tanh(c_new)
     _store_tile(h_out_ptr, h_new, rb, rj, H, 1, B, H)
     _store_tile(c_out_ptr, c_new, rb, rj, H, 1, B, H)
-    if SAVE:
+    if SAVE:  # pre-activations: backward derives gates and their slopes from them without cancellation
         W = 5 * H
-        _store_tile(ws_ptr + 0 * H, i, rb, rj, W, 1, B, H)
-        _store_tile(ws_ptr + 1 * H, f, rb, rj, W, 1, B, H)
-        _store_tile(ws_ptr + 2 * H, g, rb, rj, W, 1, B, H)
-        _store_tile(ws_ptr + 3 * H, o, rb, rj, W, 1, B, H)
+        _store_tile(ws_ptr + 0 * H, acc_i, rb, rj, W, 1, B, H)
+        _store_tile(ws_ptr + 1 * H, acc_f, rb, rj, W, 1, B, H)
+        _store_tile(ws_ptr + 2 * H, acc_g, rb, rj, W, 1, B, H)
+        _store_tile(ws_ptr + 3 * H, acc_o, rb, rj, W, 1, B, H)
         _store_tile(ws_ptr + 4 * H, c_new, rb, rj, W, 1, B, H)
 
 
@@ -202,17 +223,20 @@ def gru_cell_fwd_kernel(
         acc_hn += _load_bias(b_hh_ptr, 2 * H + rj, G, s_bh)[None, :]
     r = _sigmoid(acc_r)
     z = _sigmoid(acc_z)
-    n = _tanh(acc_xn + r * acc_hn)
+    a_n = acc_xn + r * acc_hn
+    n = _tanh(a_n)
+    # (1 − z) ⊙ n + z ⊙ h, written as torch's kernels write it: when the two terms nearly cancel, the same
+    # rounding structure keeps the error where torch's is.
     if HAS_STATE:
-        h_new = (1.0 - z) * n + z * _load_f32(h_ptr, rb, rj, s_hb, s_hk, B, H)
+        h_new = n + z * (_load_f32(h_ptr, rb, rj, s_hb, s_hk, B, H) - n)
     else:
-        h_new = (1.0 - z) * n
+        h_new = n - z * n
     _store_tile(h_out_ptr, h_new, rb, rj, H, 1, B, H)
-    if SAVE:
+    if SAVE:  # pre-activations of r, z, n and the hidden-side candidate term
         W = 4 * H
-        _store_tile(ws_ptr + 0 * H, r, rb, rj, W, 1, B, H)
-        _store_tile(ws_ptr + 1 * H, z, rb, rj, W, 1, B, H)
-        _store_tile(ws_ptr + 2 * H, n, rb, rj, W, 1, B, H)
+        _store_tile(ws_ptr + 0 * H, acc_r, rb, rj, W, 1, B, H)
+        _store_tile(ws_ptr + 1 * H, acc_z, rb, rj, W, 1, B, H)
+        _store_tile(ws_ptr + 2 * H, a_n, rb, rj, W, 1, B, H)
         _store_tile(ws_ptr + 3 * H, acc_hn, rb, rj, W, 1, B, H)
 
 
@@ -246,8 +270,8 @@ def rnn_cell_fwd_kernel(
     else:
         h_new = _tanh(acc)
     _store_tile(h_out_ptr, h_new, rb, rj, H, 1, B, H)
-    if SAVE:
-        _store_tile(ws_ptr, h_new, rb, rj, H, 1, B, H)
+    if SAVE:  # the pre-activation
+        _store_tile(ws_ptr, acc, rb, rj, H, 1, B, H)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -320,21 +344,23 @@ def _lstm_pointwise_bwd(dh_ptr, dc_ptr, ws_ptr, c_ptr, rb, rj, B, H, s_dhb, s_dh
                         HAS_STATE: tl.constexpr):
     """Pre-activation gate gradients of the LSTM cell for one (rows, units) tile, from the workspace."""
     W = 5 * H
-    i = _load_f32(ws_ptr + 0 * H, rb, rj, W, 1, B, H)
-    f = _load_f32(ws_ptr + 1 * H, rb, rj, W, 1, B, H)
-    g = _load_f32(ws_ptr + 2 * H, rb, rj, W, 1, B, H)
-    o = _load_f32(ws_ptr + 3 * H, rb, rj, W, 1, B, H)
-    tc = _tanh(_load_f32(ws_ptr + 4 * H, rb, rj, W, 1, B, H))
+    i, di = _sigmoid_and_grad(_load_f32(ws_ptr + 0 * H, rb, rj, W, 1, B, H))
+    f, df = _sigmoid_and_grad(_load_f32(ws_ptr + 1 * H, rb, rj, W, 1, B, H))
+    a_g = _load_f32(ws_ptr + 2 * H, rb, rj, W, 1, B, H)
+    o, do = _sigmoid_and_grad(_load_f32(ws_ptr + 3 * H, rb, rj, W, 1, B, H))
+    c_new = _load_f32(ws_ptr + 4 * H, rb, rj, W, 1, B, H)
+    g = _tanh(a_g)
+    tc = _tanh(c_new)
     dh = _load_f32(dh_ptr, rb, rj, s_dhb, s_dhk, B, H)
-    dct = _load_f32(dc_ptr, rb, rj, s_dcb, s_dck, B, H) + dh * o * (1.0 - tc * tc)  # total dL/dc'
+    dct = _load_f32(dc_ptr, rb, rj, s_dcb, s_dck, B, H) + dh * o * _tanh_grad(c_new)  # total dL/dc'
     if HAS_STATE:
         c = _load_f32(c_ptr, rb, rj, s_cb, s_ck, B, H)
     else:
         c = tl.zeros_like(dct)
-    da_i = dct * g * i * (1.0 - i)
-    da_f = dct * c * f * (1.0 - f)
-    da_g = dct * i * (1.0 - g * g)
-    da_o = dh * tc * o * (1.0 - o)
+    da_i = dct * g * di
+    da_f = dct * c * df
+    da_g = dct * i * _tanh_grad(a_g)
+    da_o = dh * tc * do
     return da_i, da_f, da_g, da_o, dct, f
 
 
@@ -342,18 +368,20 @@ def _lstm_pointwise_bwd(dh_ptr, dc_ptr, ws_ptr, c_ptr, rb, rj, B, H, s_dhb, s_dh
 def _gru_pointwise_bwd(dh_ptr, ws_ptr, h_ptr, rb, rj, B, H, s_dhb, s_dhk, s_hb, s_hk, HAS_STATE: tl.constexpr):
     """Gate gradients of the GRU cell for one tile: input-side (r, z, n), the hidden-side n, and dh'·z."""
     W = 4 * H
-    r = _load_f32(ws_ptr + 0 * H, rb, rj, W, 1, B, H)
-    z = _load_f32(ws_ptr + 1 * H, rb, rj, W, 1, B, H)
-    n = _load_f32(ws_ptr + 2 * H, rb, rj, W, 1, B, H)
+    r, dr = _sigmoid_and_grad(_load_f32(ws_ptr + 0 * H, rb, rj, W, 1, B, H))
+    a_z = _load_f32(ws_ptr + 1 * H, rb, rj, W, 1, B, H)
+    z, dz = _sigmoid_and_grad(a_z)
+    a_n = _load_f32(ws_ptr + 2 * H, rb, rj, W, 1, B, H)
     hn = _load_f32(ws_ptr + 3 * H, rb, rj, W, 1, B, H)
+    n = _tanh(a_n)
     dh = _load_f32(dh_ptr, rb, rj, s_dhb, s_dhk, B, H)
     if HAS_STATE:
         h = _load_f32(h_ptr, rb, rj, s_hb, s_hk, B, H)
     else:
         h = tl.zeros_like(dh)
-    da_n = dh * (1.0 - z) * (1.0 - n * n)
-    da_r = da_n * hn * r * (1.0 - r)
-    da_z = dh * (h - n) * z * (1.0 - z)
+    da_n = dh * _sigmoid(-a_z) * _tanh_grad(a_n)  # 1 − z = σ(−a_z), without cancellation
+    da_r = da_n * hn * dr
+    da_z = dh * (h - n) * dz
     return da_r, da_z, da_n, da_n * r, dh * z
 
 
@@ -403,12 +431,12 @@ def gru_cell_bwd_kernel(
 
 @triton.jit
 def _rnn_pointwise_bwd(dh_ptr, ws_ptr, rb, rj, B, H, s_dhb, s_dhk, RELU: tl.constexpr):
-    y = _load_f32(ws_ptr, rb, rj, H, 1, B, H)
+    a = _load_f32(ws_ptr, rb, rj, H, 1, B, H)
     dh = _load_f32(dh_ptr, rb, rj, s_dhb, s_dhk, B, H)
     if RELU:
-        return tl.where(y > 0.0, dh, 0.0)
+        return tl.where(a > 0.0, dh, 0.0)  # torch's threshold_backward: no gradient at 0 or NaN
     else:
-        return dh * (1.0 - y * y)
+        return dh * _tanh_grad(a)
 
 
 @triton.jit

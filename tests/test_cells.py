@@ -8,94 +8,21 @@ import torch
 from torch import nn
 
 import fastseq
-from fastseq import reference
-from helpers import assert_close_to_reference
+from fastseq.check import CELLS, compare_cell, make_cells, make_inputs, state_list
 
-# kind -> (fastseq class, torch class, constructor keywords)
-CELLS = {
-    "lstm": (fastseq.LSTMCell, nn.LSTMCell, {}),
-    "gru": (fastseq.GRUCell, nn.GRUCell, {}),
-    "rnn_tanh": (fastseq.RNNCell, nn.RNNCell, {"nonlinearity": "tanh"}),
-    "rnn_relu": (fastseq.RNNCell, nn.RNNCell, {"nonlinearity": "relu"}),
-}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (batch, input_size, hidden_size): batch 1, sizes of 1, and sizes that are multiples of no block.
 SHAPES = [(1, 1, 1), (1, 7, 37), (5, 19, 33), (13, 40, 70)]
 
 
-def make_cells(kind, input_size, hidden_size, bias, dtype, device, backend):
-    """A torch cell and a fastseq cell holding equal parameters (random, never zero)."""
-    fast_cls, torch_cls, kw = CELLS[kind]
-    theirs = torch_cls(input_size, hidden_size, bias=bias, device=device, dtype=dtype, **kw)
-    ours = fast_cls(input_size, hidden_size, bias=bias, device=device, dtype=dtype, backend=backend, **kw)
-    ours.load_state_dict(theirs.state_dict())
-    return ours, theirs
-
-
-def make_inputs(kind, batch, input_size, hidden_size, dtype, device, with_state, batched=True):
-    lead = (batch,) if batched else ()
-    x = torch.randn(*lead, input_size, dtype=dtype, device=device)
-    if not with_state:
-        return x, None
-    if kind == "lstm":
-        return x, tuple(torch.randn(*lead, hidden_size, dtype=dtype, device=device) for _ in range(2))
-    return x, torch.randn(*lead, hidden_size, dtype=dtype, device=device)
-
-
-def state_list(state):
-    if state is None:
-        return []
-    return list(state) if isinstance(state, tuple) else [state]
-
-
-def run_cell(module, x, state, grad_outs):
-    """Outputs and the gradients of (input, states..., parameters...) for the given upstream gradients."""
-    x = x.detach().clone().requires_grad_()
-    states = [s.detach().clone().requires_grad_() for s in state_list(state)]
-    st = None if state is None else (tuple(states) if isinstance(state, tuple) else states[0])
-    module.zero_grad(set_to_none=True)
-    out = module(x, st)
-    outs = list(out) if isinstance(out, tuple) else [out]
-    torch.autograd.backward(outs, grad_outs)
-    grads = [x.grad] + [s.grad for s in states] + [p.grad for p in module.parameters()]
-    return [o.detach() for o in outs], grads
-
-
-def run_reference(kind, module, x, state, grad_outs):
-    """The same in float64 through ``fastseq.reference``."""
-    d = lambda t: t.detach().double().requires_grad_()  # noqa: E731
-    x64 = d(x)
-    states = [d(s) for s in state_list(state)]
-    params = [d(p) for p in module.parameters()]
-    w_ih, w_hh, *biases = params
-    b_ih, b_hh = biases if biases else (None, None)
-    batch_shape = x64.shape[:-1]
-    zeros = lambda: torch.zeros(*batch_shape, module.hidden_size, dtype=torch.float64, device=x.device)  # noqa
-    if kind == "lstm":
-        h, c = states if states else (zeros(), zeros())
-        outs = list(reference.lstm_cell(x64, h, c, w_ih, w_hh, b_ih, b_hh))
-    elif kind == "gru":
-        outs = [reference.gru_cell(x64, states[0] if states else zeros(), w_ih, w_hh, b_ih, b_hh)]
-    else:
-        outs = [reference.rnn_cell(x64, states[0] if states else zeros(), w_ih, w_hh, b_ih, b_hh,
-                                   CELLS[kind][2]["nonlinearity"])]
-    torch.autograd.backward(outs, [g.double() for g in grad_outs])
-    return [o.detach() for o in outs], [t.grad for t in [x64, *states, *params]]
-
-
 def check_against_reference(kind, ours, theirs, x, state, dtype):
-    hidden = ours.hidden_size
-    n_out = 2 if kind == "lstm" else 1
-    grad_outs = [torch.randn(*x.shape[:-1], hidden, dtype=dtype, device=x.device) for _ in range(n_out)]
-    our_out, our_grads = run_cell(ours, x, state, grad_outs)
-    their_out, their_grads = run_cell(theirs, x, state, grad_outs)
-    ref_out, ref_grads = run_reference(kind, ours, x, state, grad_outs)
-    names = ["input"] + [f"state{i}" for i in range(len(state_list(state)))] + [n for n, _ in ours.named_parameters()]
-    for i, (o, t, r) in enumerate(zip(our_out, their_out, ref_out)):
-        assert o.dtype == t.dtype
-        assert_close_to_reference(f"{kind} output {i}", o, t, r, dtype)
-    for name, o, t, r in zip(names, our_grads, their_grads, ref_grads):
-        assert_close_to_reference(f"{kind} grad of {name}", o, t, r, dtype)
+    """Every output and gradient within twice torch's own error of the float64 reference, plus a floor."""
+    comparisons = compare_cell(kind, ours, theirs, x, state, dtype)
+    assert len(comparisons) == (2 if kind == "lstm_cell" else 1) + 1 + len(state_list(state)) + len(
+        list(ours.parameters()))
+    failures = [f"{c.name}: error {c.error}, tolerance {c.tolerance:.3e} (torch's own {c.torch_error:.3e})"
+                for c in comparisons if not c.ok]
+    assert not failures, f"{kind} {dtype}: " + "; ".join(failures)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -112,7 +39,7 @@ def test_cell_matches_reference_and_torch(kind, variant, shape, dtype, device, k
 @pytest.mark.parametrize("kind", list(CELLS))
 def test_unbatched_input(kind, device, kernel_backend):
     ours, theirs = make_cells(kind, 6, 11, True, torch.float32, device, kernel_backend)
-    x, state = make_inputs(kind, 1, 6, 11, torch.float32, device, True, batched=False)
+    x, state = make_inputs(kind, None, 6, 11, torch.float32, device, True)
     check_against_reference(kind, ours, theirs, x, state, torch.float32)
     assert ours(x)[0].shape == theirs(x)[0].shape  # no state either
 
@@ -123,9 +50,9 @@ def test_non_contiguous_inputs(kind, device, kernel_backend):
     ours, theirs = make_cells(kind, 9, 21, True, torch.float32, device, kernel_backend)
     seq = torch.randn(4, 3, 9, device=device)  # (B, T, I): seq[:, 1] has row stride 27
     x = seq[:, 1]
-    hs = [torch.randn(21, 4, device=device).t() for _ in range(2 if kind == "lstm" else 1)]
+    hs = [torch.randn(21, 4, device=device).t() for _ in range(2 if kind == "lstm_cell" else 1)]
     assert not x.is_contiguous() and not hs[0].is_contiguous()
-    state = tuple(hs) if kind == "lstm" else hs[0]
+    state = tuple(hs) if kind == "lstm_cell" else hs[0]
     check_against_reference(kind, ours, theirs, x, state, torch.float32)
 
 
@@ -150,9 +77,9 @@ def test_backward_after_inference_forward(kind, device, kernel_backend):
     ours, theirs = make_cells(kind, 5, 8, True, torch.float32, device, kernel_backend)
     x = torch.randn(2, 5, device=device, requires_grad=True)
     p = [t.detach().requires_grad_() for t in (ours.weight_ih, ours.weight_hh, ours.bias_ih, ours.bias_hh)]
-    if kind == "lstm":
+    if kind == "lstm_cell":
         out = ops.lstm_cell(x, None, None, *p, kernel_backend, False)[0]
-    elif kind == "gru":
+    elif kind == "gru_cell":
         out = ops.gru_cell(x, None, *p, kernel_backend, False)[0]
     else:
         out = ops.rnn_cell(x, None, *p, CELLS[kind][2]["nonlinearity"], kernel_backend, False)[0]
@@ -169,7 +96,7 @@ def test_empty_batch(kind, device, kernel_backend):
     ours, theirs = make_cells(kind, 4, 6, True, torch.float32, device, kernel_backend)
     x = torch.randn(0, 4, device=device, requires_grad=True)
     out, ref = ours(x), theirs(x)
-    out, ref = (out[0], ref[0]) if kind == "lstm" else (out, ref)
+    out, ref = (out[0], ref[0]) if kind == "lstm_cell" else (out, ref)
     assert out.shape == ref.shape == (0, 6)
     out.sum().backward()
     assert x.grad.shape == (0, 4)

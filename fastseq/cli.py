@@ -1,0 +1,122 @@
+"""``python -m fastseq``: the command line.
+
+``check``: every available fastseq kernel against the float64 reference on random inputs, next to torch's own
+error in the same dtype; prints a table and exits non-zero when any case fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+KERNEL_BACKENDS = ("triton", "cuda", "cpp")
+# (batch, input_size, hidden_size): odd sizes, batch 1, and (on GPU) a size of practice.
+SHAPES = {"cpu": [(1, 7, 37), (13, 40, 70)], "cuda": [(1, 7, 37), (13, 40, 70), (64, 256, 512)]}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fastseq", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="every available kernel against the float64 reference")
+    check.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                       help="default: cuda where a GPU is visible, else cpu")
+    check.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    check.add_argument("--ops", nargs="+", default=None, help="default: every op (see the table)")
+    check.add_argument("--backends", nargs="+", choices=KERNEL_BACKENDS + ("torch",), default=None,
+                       help="default: every kernel backend available for the device")
+    check.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    check.add_argument("--no-interpret", action="store_true",
+                       help="on a machine without a GPU, do not re-run under TRITON_INTERPRET=1")
+    check.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _reexec_with_interpreter(argv: list[str]) -> None:
+    """Triton runs on CPU only when TRITON_INTERPRET=1 is set before fastseq is imported: start again so."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    print("fastseq check: no GPU visible; checking the Triton kernels on CPU under TRITON_INTERPRET=1",
+          file=sys.stderr, flush=True)
+    os.execve(sys.executable, [sys.executable, "-m", "fastseq", *argv], env)
+
+
+def _format_err(value: float | None) -> str:
+    return "missing/NaN" if value is None else f"{value:.2e}"
+
+
+def _table(rows) -> str:
+    header = ["op", "backend", "device", "dtype", "shape", "out err", "grad err", "torch out err",
+              "torch grad err", "verdict", "worst"]
+    lines = [header] + [[r.op, r.backend, r.device, r.dtype, r.shape, _format_err(r.out_err),
+                         _format_err(r.grad_err), _format_err(r.torch_out_err), _format_err(r.torch_grad_err),
+                         r.verdict, r.worst] for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+
+    def fmt(line):
+        return "| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |"
+
+    return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                     + [fmt(line) for line in lines[1:]])
+
+
+def run_check(args) -> int:
+    import fastseq
+    from fastseq import check, dispatch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ops = args.ops or list(check.CELLS)
+    unknown = [op for op in ops if op not in check.CELLS]
+    if unknown:
+        raise SystemExit(f"fastseq check: unknown op(s) {unknown}; choose from {list(check.CELLS)}")
+    info = fastseq.backends()
+    print(f"fastseq {fastseq.__version__}, torch {torch.__version__}, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    for name in KERNEL_BACKENDS:
+        status = "available" if info[name]["available"] else f"unavailable: {info[name]['reason']}"
+        print(f"  backend {name}: {status}")
+    rows = []
+    for op in ops:
+        for backend in args.backends or KERNEL_BACKENDS:
+            try:
+                dispatch.select(check.CELLS[op][0]._op, device, torch.float32, backend)
+            except fastseq.BackendUnavailableError as e:
+                if args.backends:  # asked for by name: say why it is not checked
+                    print(f"  skipped {op} on {backend}: {e}")
+                continue
+            for dtype_name in args.dtypes:
+                for shape in SHAPES[device.type]:
+                    torch.manual_seed(args.seed)
+                    rows.append(check.check_cell(op, backend, device, DTYPES[dtype_name], shape))
+    if not rows:
+        print("no fastseq kernel backend can run here (see the reasons above): nothing to check")
+        return 0
+    print(_table(rows))
+    failed = [r for r in rows if r.verdict != "ok"]
+    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "device": str(device), "rows": [r.as_dict() for r in rows]},
+                      f, indent=2)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    if args.command == "check":
+        from fastseq import dispatch
+
+        device_is_cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+        if device_is_cpu and not dispatch.TRITON_INTERPRET and not args.no_interpret:
+            _reexec_with_interpreter(argv)
+        return run_check(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
