@@ -46,16 +46,13 @@ LAUNCHES_FWD = {"fastseq": {"lstm": 1, "gru": 1, "rnn": 1, "rnn_relu": 1},
                 "torch": {"lstm": 3, "gru": 3, "rnn": 4, "rnn_relu": 4}}
 
 
-def fastseq_block_b(batch: int) -> int:
-    """``BLOCK_B`` of fastseq's cell kernels on a GPU, read from the launcher when fastseq is importable."""
-    try:
-        import torch
+def fastseq_block_b(batch: int, dtype: str) -> int:
+    """``BLOCK_B`` of fastseq's cell kernels on a GPU, from the launcher's own rule."""
+    import torch
 
-        from fastseq.kernels.rnn_cell import _blocks
+    from fastseq.kernels.rnn_cell import blocks
 
-        return int(_blocks(batch, torch.device("cuda"))["BLOCK_B"])
-    except Exception:  # the rule of kernels/rnn_cell.py::_blocks when this was written
-        return min(64, max(16, 1 << max(batch - 1, 0).bit_length()))
+    return int(blocks(batch, getattr(torch, dtype), on_gpu=True)["BLOCK_B"])
 
 
 def step_floor(cell: str, batch: int, hidden: int, input_size: int, dtype: str, spec: dict = H100_SXM_SPEC,
@@ -67,7 +64,7 @@ def step_floor(cell: str, batch: int, hidden: int, input_size: int, dtype: str, 
     biases = 2 * g * hidden
     states = 2 if cell == "lstm" else 1
     act = batch * (input_size + states * hidden) + batch * states * hidden  # reads + writes
-    block_b = fastseq_block_b(batch)
+    block_b = fastseq_block_b(batch, dtype)
     row_blocks = math.ceil(batch / block_b)
     bytes_once = s * (weights + biases + act)
     bytes_requested = s * (row_blocks * (weights + biases) + act)

@@ -489,13 +489,23 @@ def _dot_config(t: torch.Tensor) -> tuple[tl.dtype, str]:
     return _TRITON_DTYPES[t.dtype], "ieee"
 
 
-def _blocks(batch: int, device: torch.device) -> dict[str, int]:
-    # tl.dot needs every block dimension ≥ 16 on the GPU; the interpreter runs programs one after another,
-    # so there larger tiles mean fewer Python-level iterations.
-    block_b = min(64, max(16, triton.next_power_of_2(max(batch, 1))))
-    if device.type == "cpu":
+def blocks(batch: int, dtype: torch.dtype, on_gpu: bool) -> dict[str, int]:
+    """Tile sizes (and, on the GPU, warps) for a batch of ``batch`` rows.
+
+    tl.dot needs every block dimension ≥ 16 on the GPU. float32 tiles take twice the shared memory of
+    half-precision ones: the LSTM backward with a 64-row float32 tile needs 192 KiB, over sm_80's 163 KiB,
+    so float32 stops at 32 rows (tests/test_gpu_compile.py holds every choice to the limit). The interpreter
+    runs programs one after another, so there larger tiles only mean fewer Python-level iterations.
+    """
+    max_rows = 32 if dtype == torch.float32 else 64
+    block_b = min(max_rows, max(16, triton.next_power_of_2(max(batch, 1))))
+    if not on_gpu:
         return {"BLOCK_B": block_b, "BLOCK_H": 32, "BLOCK_K": 32}
     return {"BLOCK_B": block_b, "BLOCK_H": 32, "BLOCK_K": 32, "num_warps": 4}
+
+
+def blocks_for(batch: int, t: torch.Tensor) -> dict[str, int]:
+    return blocks(batch, t.dtype, on_gpu=not _interpreting(t))
 
 
 def _state_args(t: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -519,7 +529,7 @@ def launch_cell_fwd(kind: str, x, h, c, w_ih, w_hh, b_ih, b_hh, save: bool, nonl
     if B == 0 or H == 0:
         return h_out, c_out, ws
     dot_dtype, precision = _dot_config(x)
-    blocks = _blocks(B, x.device)
+    blocks = blocks_for(B, x)
     grid = (triton.cdiv(B, blocks["BLOCK_B"]), triton.cdiv(H, blocks["BLOCK_H"]))
     h_t, s_hb, s_hk = _state_args(h, x)
     b_ih_t, s_bi = _bias_args(b_ih, w_ih)
@@ -564,7 +574,7 @@ def launch_cell_bwd(kind: str, grad_h, grad_c, ws, h, c, w_ih, w_hh, need_input_
             dx.zero_()
         return dgates, dgates_h, dx, dh, dc
     dot_dtype, precision = _dot_config(w_ih)
-    blocks = _blocks(B, device)
+    blocks = blocks_for(B, w_ih)
     num_x_blocks = triton.cdiv(I, blocks["BLOCK_K"]) if need_input_grad else 0
     num_h_blocks = triton.cdiv(H, blocks["BLOCK_K"]) if has_state else 0
     grid = (triton.cdiv(B, blocks["BLOCK_B"]), 1 + num_x_blocks + num_h_blocks)
