@@ -218,11 +218,9 @@ def reference_decode(ref, kind: str, params, xs, h0, c0):
 
 
 def rel_err(torch, a, ref) -> float:
-    a = a.detach().double()
-    ref = ref.detach().double()
-    num = float(torch.linalg.vector_norm(a - ref))
-    den = float(torch.linalg.vector_norm(ref))
-    return num / den if den > 0 else num
+    from fastseq.check import rel_err as relative_error  # the one definition the tests use too
+
+    return relative_error(a, ref)
 
 
 GRAD_NAMES_BASE = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -309,13 +307,14 @@ def capture_graph(torch, run):
 # Numerics rule (SPEC.md: at most about twice torch's own error, plus a rounding floor)
 # ---------------------------------------------------------------------------------------------------------
 
-EPS = {"float32": 2.0**-23, "bfloat16": 2.0**-7, "float16": 2.0**-10}
-
-
 def numerics_ok(fs: float, th: float, dtype: str) -> bool:
+    import torch
+
+    from fastseq.check import tolerance  # the rule and rounding floors of the tests and `fastseq check`
+
     if math.isnan(fs):
         return math.isnan(th)
-    return fs <= 2.0 * th + 4.0 * EPS[dtype]
+    return fs <= tolerance(th, getattr(torch, dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -510,7 +509,7 @@ def markdown(meta: dict, cases: list[dict]) -> str:
           "Times are µs per decoder step (median over the pooled samples, p20–p80 in parentheses). "
           "`torch/fastseq` > 1 means fastseq is faster. Errors: ‖out − ref‖/‖ref‖ against float64 "
           "`fastseq.reference` on the same numbers (final state; in training also the worst gradient). "
-          "`ok`: fastseq's errors ≤ 2 × torch's + 4 eps(dtype). The floor is the H100 SXM spec-sheet model "
+          "`ok`: fastseq's errors ≤ 2 × torch's + the rounding floor of `fastseq.check.FLOOR`. The floor is the H100 SXM spec-sheet model "
           "of `benchmarks/floor_cells.py` (µs per inference step at fastseq's one launch; none is given for training), "
           "not a measurement. `+graph`: the inference loop captured once in a CUDA graph and replayed, "
           "against torch's loop captured the same way.",

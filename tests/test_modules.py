@@ -138,12 +138,12 @@ def test_torch_jit_script(fast, theirs):
 
 
 @pytest.mark.parametrize("fast,theirs", PAIRS, ids=IDS)
-def test_autocast_gives_torch_dtypes(fast, theirs):
-    a = theirs(3, 4)
-    b = fast(3, 4, backend="triton")
+def test_autocast_gives_torch_dtypes(fast, theirs, device, kernel_backend):
+    a = theirs(3, 4, device=device)
+    b = fast(3, 4, device=device, backend=kernel_backend)
     b.load_state_dict(a.state_dict())
-    x = torch.randn(2, 3)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(2, 3, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         want, got = _first(a(x)), _first(b(x))
     assert got.dtype == want.dtype
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=1e-2)
