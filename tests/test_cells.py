@@ -46,8 +46,14 @@ def test_unbatched_input(kind, device, kernel_backend):
 
 @pytest.mark.parametrize("kind", list(CELLS))
 def test_non_contiguous_inputs(kind, device, kernel_backend):
-    """Inputs that are strided views (a time slice of a batch-first sequence, a transposed state)."""
+    """Inputs and weights that are strided views (a time slice of a batch-first sequence, transposed states
+    and weights)."""
     ours, theirs = make_cells(kind, 9, 21, True, torch.float32, device, kernel_backend)
+    for cell in (ours, theirs):
+        for name in ("weight_ih", "weight_hh"):
+            w = getattr(cell, name).detach()
+            setattr(cell, name, nn.Parameter(w.t().contiguous().t()))  # same values, column-major
+    assert not ours.weight_ih.is_contiguous()
     seq = torch.randn(4, 3, 9, device=device)  # (B, T, I): seq[:, 1] has row stride 27
     x = seq[:, 1]
     hs = [torch.randn(21, 4, device=device).t() for _ in range(2 if kind == "lstm_cell" else 1)]
