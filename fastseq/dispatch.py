@@ -14,9 +14,21 @@ import torch
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
 
+
+
+def _triton_interprets() -> bool:
+    """Whether Triton turns kernels into interpreted functions, as Triton itself reads TRITON_INTERPRET."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # older Triton without knobs
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 # Read once, at import: Triton decides between compiling and interpreting when a kernel is defined, which
 # happens when fastseq is imported, so the variable must be set before that.
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+TRITON_INTERPRET = _triton_interprets()
 
 # dtypes each kernel backend computes in (float32 accumulation inside); float64 stays with torch.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
