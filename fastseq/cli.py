@@ -2,6 +2,10 @@
 
 ``check``: every available fastseq kernel against the float64 reference on random inputs, next to torch's own
 error in the same dtype; prints a table and exits non-zero when any case fails.
+
+``aot``: every Triton kernel compiled ahead of time for the GPU archs (default sm_80 and sm_90), without a GPU:
+registers, spills, shared memory, tensor-core and local-memory instructions and occupancy per kernel and
+specialisation (``fastseq/aot.py``); exits non-zero, naming them, where one fails to compile or breaks a limit.
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--no-interpret", action="store_true",
                        help="on a machine without a GPU, do not re-run under TRITON_INTERPRET=1")
     check.add_argument("--seed", type=int, default=0)
+    aot = sub.add_parser("aot", help="every Triton kernel compiled for the GPU archs without a GPU: a resource "
+                                     "report")
+    from fastseq import aot as aot_module
+
+    aot_module.add_arguments(aot)
     return parser
 
 
@@ -41,6 +50,15 @@ def _reexec_with_interpreter(argv: list[str]) -> None:
     """Triton runs on CPU only when TRITON_INTERPRET=1 is set before fastseq is imported: start again so."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     print("fastseq check: no GPU visible; checking the Triton kernels on CPU under TRITON_INTERPRET=1",
+          file=sys.stderr, flush=True)
+    os.execve(sys.executable, [sys.executable, "-m", "fastseq", *argv], env)
+
+
+def _reexec_without_interpreter(argv: list[str]) -> None:
+    """Compiling for a GPU needs Triton's real JIT functions, which TRITON_INTERPRET=1 replaces: start again
+    without it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    print("fastseq aot: TRITON_INTERPRET=1 is set; compiling needs Triton's JIT, so running again without it",
           file=sys.stderr, flush=True)
     os.execve(sys.executable, [sys.executable, "-m", "fastseq", *argv], env)
 
@@ -115,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         if device_is_cpu and not dispatch.TRITON_INTERPRET and not args.no_interpret:
             _reexec_with_interpreter(argv)
         return run_check(args)
+    if args.command == "aot":
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            _reexec_without_interpreter(argv)
+        from fastseq import aot
+
+        return aot.run(args)
     return 2
 
 

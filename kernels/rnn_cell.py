@@ -489,23 +489,30 @@ def _dot_config(t: torch.Tensor) -> tuple[tl.dtype, str]:
     return _TRITON_DTYPES[t.dtype], "ieee"
 
 
-def blocks(batch: int, dtype: torch.dtype, on_gpu: bool) -> dict[str, int]:
+def blocks(batch: int, dtype: torch.dtype, on_gpu: bool, backward: bool = False) -> dict[str, int]:
     """Tile sizes (and, on the GPU, warps) for a batch of ``batch`` rows.
 
     tl.dot needs every block dimension ≥ 16 on the GPU. float32 tiles take twice the shared memory of
     half-precision ones: the LSTM backward with a 64-row float32 tile needs 192 KiB, over sm_80's 163 KiB,
-    so float32 stops at 32 rows (tests/test_gpu_compile.py holds every choice to the limit). The interpreter
-    runs programs one after another, so there larger tiles only mean fewer Python-level iterations.
+    so float32 stops at 32 rows. The backward's column programs keep an accumulator and the recomputed
+    gradients of every gate live at once: with 4 warps they pass 255 registers and spill from 32 rows on
+    (``python -m fastseq aot``), so the backward runs 8 warps and at most 32 rows (16 in float32, whose
+    32-row LSTM tile still spilled 172 B on sm_90 with 8 warps). The AOT check holds every
+    choice made here to the shared-memory limit and to the spill budgets at the end of this file. The
+    interpreter runs programs one after another, so there larger tiles only mean fewer Python iterations.
     """
-    max_rows = 32 if dtype == torch.float32 else 64
+    if backward:
+        max_rows = 16 if dtype == torch.float32 else 32
+    else:
+        max_rows = 32 if dtype == torch.float32 else 64
     block_b = min(max_rows, max(16, triton.next_power_of_2(max(batch, 1))))
     if not on_gpu:
         return {"BLOCK_B": block_b, "BLOCK_H": 32, "BLOCK_K": 32}
-    return {"BLOCK_B": block_b, "BLOCK_H": 32, "BLOCK_K": 32, "num_warps": 4}
+    return {"BLOCK_B": block_b, "BLOCK_H": 32, "BLOCK_K": 32, "num_warps": 8 if backward else 4}
 
 
-def blocks_for(batch: int, t: torch.Tensor) -> dict[str, int]:
-    return blocks(batch, t.dtype, on_gpu=not _interpreting(t))
+def blocks_for(batch: int, t: torch.Tensor, backward: bool = False) -> dict[str, int]:
+    return blocks(batch, t.dtype, on_gpu=not _interpreting(t), backward=backward)
 
 
 def _state_args(t: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -574,7 +581,7 @@ def launch_cell_bwd(kind: str, grad_h, grad_c, ws, h, c, w_ih, w_hh, need_input_
             dx.zero_()
         return dgates, dgates_h, dx, dh, dc
     dot_dtype, precision = _dot_config(w_ih)
-    blocks = blocks_for(B, w_ih)
+    blocks = blocks_for(B, w_ih, backward=True)
     num_x_blocks = triton.cdiv(I, blocks["BLOCK_K"]) if need_input_grad else 0
     num_h_blocks = triton.cdiv(H, blocks["BLOCK_K"]) if has_state else 0
     grid = (triton.cdiv(B, blocks["BLOCK_B"]), 1 + num_x_blocks + num_h_blocks)
@@ -599,3 +606,23 @@ def launch_cell_bwd(kind: str, grad_h, grad_c, ws, h, c, w_ih, w_hh, need_input_
             grad_h, ws, w_ih, w_hh, dgates, dx_t, dh_t, B, I, H, num_x_blocks,
             grad_h.stride(0), grad_h.stride(1), *weights, RELU=nonlinearity == "relu", **flags)
     return dgates, dgates_h, dx, dh, dc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AOT budgets (``python -m fastseq aot``, fastseq/aot.py): the most spill bytes (stores + loads, from ptxas -v)
+# and local-memory instructions (LDL + STL in the SASS) any specialisation of each kernel may have on sm_80 and
+# sm_90. Zero unless a reason is written beside it; a non-zero budget is the measured worst case (Triton 3.6.0,
+# ptxas 12.8), so nothing may grow past it unnoticed.
+# ---------------------------------------------------------------------------------------------------------
+
+AOT_BUDGETS = {
+    "lstm_cell_fwd_kernel": {"spill_bytes": 16, "local_ops": 4},  # sm_90 float32/TF32 32x32x32, every flag on:
+    # four (32, 32) float32 accumulators plus the TF32 operand tiles reach 255 registers; 16 B spilled.
+    "gru_cell_fwd_kernel": {"spill_bytes": 0, "local_ops": 0},
+    "rnn_cell_fwd_kernel": {"spill_bytes": 0, "local_ops": 0},
+    "lstm_cell_bwd_kernel": {"spill_bytes": 0, "local_ops": 0},
+    "gru_cell_bwd_kernel": {"spill_bytes": 8, "local_ops": 2},  # sm_90 float32 16x32x32, 8 warps, no state:
+    # ptxas spills 8 B at under 200 registers (not register-bound; cause not yet understood: look with a
+    # profile on a GPU). Every other specialisation: 0.
+    "rnn_cell_bwd_kernel": {"spill_bytes": 0, "local_ops": 0},
+}

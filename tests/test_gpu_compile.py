@@ -1,7 +1,8 @@
 """Every Triton kernel compiles for the GPUs we target (sm_80, sm_90) without a GPU. The interpreter accepts
-code that the NVIDIA backend refuses, so CI compiles each kernel ahead of time, per dtype and batch tile the
-launchers can pick, and checks shared memory and tensor-core use. (The full resource report is the AOT
-command's job.)"""
+code that the NVIDIA backend refuses, so the suite compiles each kernel ahead of time through
+``python -m fastseq aot`` (``fastseq/aot.py``), per dtype, dot precision and batch tile the launchers can pick,
+with every constexpr flag on, and checks that it compiles, that its shared memory fits the arch, and that the
+half-precision products use tensor cores. (CI runs the full flag grid: ``.ci/run``.)"""
 
 from __future__ import annotations
 
@@ -12,31 +13,45 @@ import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNELS = ("lstm_cell_fwd_kernel", "gru_cell_fwd_kernel", "rnn_cell_fwd_kernel", "lstm_cell_bwd_kernel",
+           "gru_cell_bwd_kernel", "rnn_cell_bwd_kernel")
 
 
 @pytest.fixture(scope="module")
-def compiled_rows():
+def aot_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot") / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "gpu_compile_cells.py")], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    proc = subprocess.run([sys.executable, "-m", "fastseq", "aot", "--archs", "80,90", "--flags", "all-on", "--quiet",
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert out.exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc, json.loads(out.read_text())
 
 
-def test_every_cell_kernel_compiles_for_sm80_and_sm90(compiled_rows):
-    assert len(compiled_rows) >= 6 * 3 * 2 * 2  # kernels x dtypes x archs x (at least two) batch tiles
-    failed = [f"{r['kernel']} {r['dtype']} sm_{r['arch']} BLOCK_B={r['BLOCK_B']}: {r['error']}"
-              for r in compiled_rows if r["error"]]
+def test_every_cell_kernel_compiles_for_sm80_and_sm90(aot_report):
+    _, report = aot_report
+    rows = report["rows"]
+    seen = {(r["kernel"], r["dtype"], r["arch"]) for r in rows}
+    assert seen == {(k, d, a) for k in KERNELS for d in ("float32", "float16", "bfloat16") for a in ("sm_80", "sm_90")}
+    assert len(rows) >= 6 * 3 * 2 * 2  # kernels x dtypes x archs x (at least two) batch tiles
+    failed = [f"{r['kernel']} [{r['spec']}] {r['arch']}: {r['error']}" for r in rows if r["error"]]
     assert not failed, "\n".join(failed)
 
 
-def test_shared_memory_within_the_limit(compiled_rows):
-    over = [r for r in compiled_rows if not r["error"] and r["shared"] > r["shared_limit"]]
+def test_shared_memory_within_the_limit(aot_report):
+    over = [r for r in aot_report[1]["rows"] if not r["error"] and r["shared"] > r["shared_limit"]]
     assert not over, over
 
 
-def test_half_precision_products_use_tensor_cores(compiled_rows):
-    missing = [f"{r['kernel']} {r['dtype']} sm_{r['arch']}" for r in compiled_rows
-               if not r["error"] and r["dtype"] != "fp32" and not r["mma"]]
+def test_half_precision_products_use_tensor_cores(aot_report):
+    rows = aot_report[1]["rows"]
+    missing = [f"{r['kernel']} [{r['spec']}] {r['arch']}" for r in rows
+               if not r["error"] and r["dtype"] != "float32" and r["tensor_core_ops"] == 0]
     assert not missing, missing
+    assert all(r["tensor_cores_required"] for r in rows if r["dtype"] != "float32")
+
+
+def test_the_command_passes_on_the_flags_on_grid(aot_report):
+    """Spills and local memory within each kernel's AOT_BUDGETS too: the whole gate, as CI runs it."""
+    proc, report = aot_report
+    assert proc.returncode == 0 and not report["failures"], "\n".join(report["failures"]) + proc.stderr[-2000:]
