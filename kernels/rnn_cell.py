@@ -107,14 +107,35 @@ def _store_tile(ptr, value, rows, cols, stride_r, stride_c, n_rows, n_cols):
 
 
 @triton.jit
-def _load_bias(ptr, offs, n, stride):
-    return tl.load(ptr + offs * stride, mask=offs < n, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _mm(acc, a, w_t, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """``acc + a · w_t`` with operands cast to the dot dtype and a float32 accumulator."""
     return tl.dot(a.to(DOT_DTYPE), w_t.to(DOT_DTYPE), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _gate_bias(b_ptr, gate, H, rj, stride):
+    """Row vector ``b[gate·H + rj]`` of one gate's bias (zero past the last unit), for a (rows, units) tile."""
+    return tl.load(b_ptr + (gate * H + rj) * stride, mask=rj < H, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _gates_mm(acc_0, acc_1, acc_2, acc_3, a_ptr, s_ab, s_ak, w_ptr, s_wr, s_wc, rb, rj, B, K, H,
+              NUM_GATES: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc_g += a[rb, :K] · W[g·H + rj, :K]ᵀ`` for the first ``NUM_GATES`` gates, over ``K`` in ``BLOCK_K``
+    slices: each slice of ``a`` is loaded once for every gate. ``W[g·H + rj, k]`` is loaded as a
+    (BLOCK_K, BLOCK_H) tile, the transposed slice the product needs. Unused accumulators pass through."""
+    G = NUM_GATES * H
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        a = _load_tile(a_ptr, rb, rk, s_ab, s_ak, B, K)
+        acc_0 = _mm(acc_0, a, _load_tile(w_ptr, rk, 0 * H + rj, s_wc, s_wr, K, G), DOT_DTYPE, PRECISION)
+        if NUM_GATES > 1:
+            acc_1 = _mm(acc_1, a, _load_tile(w_ptr, rk, 1 * H + rj, s_wc, s_wr, K, G), DOT_DTYPE, PRECISION)
+        if NUM_GATES > 2:
+            acc_2 = _mm(acc_2, a, _load_tile(w_ptr, rk, 2 * H + rj, s_wc, s_wr, K, G), DOT_DTYPE, PRECISION)
+        if NUM_GATES > 3:
+            acc_3 = _mm(acc_3, a, _load_tile(w_ptr, rk, 3 * H + rj, s_wc, s_wr, K, G), DOT_DTYPE, PRECISION)
+    return acc_0, acc_1, acc_2, acc_3
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -137,33 +158,21 @@ def lstm_cell_fwd_kernel(
     acc_f = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
     acc_g = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
     acc_o = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
-    G = 4 * H
-    for k0 in range(0, I, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        a = _load_tile(x_ptr, rb, rk, s_xb, s_xk, B, I)
-        # W[g·H + j, k] loaded as a (BLOCK_K, BLOCK_H) tile: the transposed slice the product needs.
-        acc_i = _mm(acc_i, a, _load_tile(w_ih_ptr, rk, 0 * H + rj, s_wic, s_wir, I, G), DOT_DTYPE, PRECISION)
-        acc_f = _mm(acc_f, a, _load_tile(w_ih_ptr, rk, 1 * H + rj, s_wic, s_wir, I, G), DOT_DTYPE, PRECISION)
-        acc_g = _mm(acc_g, a, _load_tile(w_ih_ptr, rk, 2 * H + rj, s_wic, s_wir, I, G), DOT_DTYPE, PRECISION)
-        acc_o = _mm(acc_o, a, _load_tile(w_ih_ptr, rk, 3 * H + rj, s_wic, s_wir, I, G), DOT_DTYPE, PRECISION)
+    acc_i, acc_f, acc_g, acc_o = _gates_mm(acc_i, acc_f, acc_g, acc_o, x_ptr, s_xb, s_xk, w_ih_ptr, s_wir, s_wic,
+                                           rb, rj, B, I, H, 4, DOT_DTYPE, PRECISION, BLOCK_K)
     if HAS_STATE:
-        for k0 in range(0, H, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            a = _load_tile(h_ptr, rb, rk, s_hb, s_hk, B, H)
-            acc_i = _mm(acc_i, a, _load_tile(w_hh_ptr, rk, 0 * H + rj, s_whc, s_whr, H, G), DOT_DTYPE, PRECISION)
-            acc_f = _mm(acc_f, a, _load_tile(w_hh_ptr, rk, 1 * H + rj, s_whc, s_whr, H, G), DOT_DTYPE, PRECISION)
-            acc_g = _mm(acc_g, a, _load_tile(w_hh_ptr, rk, 2 * H + rj, s_whc, s_whr, H, G), DOT_DTYPE, PRECISION)
-            acc_o = _mm(acc_o, a, _load_tile(w_hh_ptr, rk, 3 * H + rj, s_whc, s_whr, H, G), DOT_DTYPE, PRECISION)
+        acc_i, acc_f, acc_g, acc_o = _gates_mm(acc_i, acc_f, acc_g, acc_o, h_ptr, s_hb, s_hk, w_hh_ptr, s_whr,
+                                               s_whc, rb, rj, B, H, H, 4, DOT_DTYPE, PRECISION, BLOCK_K)
     if HAS_B_IH:
-        acc_i += _load_bias(b_ih_ptr, 0 * H + rj, G, s_bi)[None, :]
-        acc_f += _load_bias(b_ih_ptr, 1 * H + rj, G, s_bi)[None, :]
-        acc_g += _load_bias(b_ih_ptr, 2 * H + rj, G, s_bi)[None, :]
-        acc_o += _load_bias(b_ih_ptr, 3 * H + rj, G, s_bi)[None, :]
+        acc_i += _gate_bias(b_ih_ptr, 0, H, rj, s_bi)
+        acc_f += _gate_bias(b_ih_ptr, 1, H, rj, s_bi)
+        acc_g += _gate_bias(b_ih_ptr, 2, H, rj, s_bi)
+        acc_o += _gate_bias(b_ih_ptr, 3, H, rj, s_bi)
     if HAS_B_HH:
-        acc_i += _load_bias(b_hh_ptr, 0 * H + rj, G, s_bh)[None, :]
-        acc_f += _load_bias(b_hh_ptr, 1 * H + rj, G, s_bh)[None, :]
-        acc_g += _load_bias(b_hh_ptr, 2 * H + rj, G, s_bh)[None, :]
-        acc_o += _load_bias(b_hh_ptr, 3 * H + rj, G, s_bh)[None, :]
+        acc_i += _gate_bias(b_hh_ptr, 0, H, rj, s_bh)
+        acc_f += _gate_bias(b_hh_ptr, 1, H, rj, s_bh)
+        acc_g += _gate_bias(b_hh_ptr, 2, H, rj, s_bh)
+        acc_o += _gate_bias(b_hh_ptr, 3, H, rj, s_bh)
     i = _sigmoid(acc_i)
     f = _sigmoid(acc_f)
     g = _tanh(acc_g)
@@ -199,28 +208,19 @@ def gru_cell_fwd_kernel(
     acc_z = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
     acc_xn = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)  # W_in x + b_in
     acc_hn = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)  # W_hn h + b_hn: the reset gate scales all of it
-    G = 3 * H
-    for k0 in range(0, I, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        a = _load_tile(x_ptr, rb, rk, s_xb, s_xk, B, I)
-        acc_r = _mm(acc_r, a, _load_tile(w_ih_ptr, rk, 0 * H + rj, s_wic, s_wir, I, G), DOT_DTYPE, PRECISION)
-        acc_z = _mm(acc_z, a, _load_tile(w_ih_ptr, rk, 1 * H + rj, s_wic, s_wir, I, G), DOT_DTYPE, PRECISION)
-        acc_xn = _mm(acc_xn, a, _load_tile(w_ih_ptr, rk, 2 * H + rj, s_wic, s_wir, I, G), DOT_DTYPE, PRECISION)
+    acc_r, acc_z, acc_xn, _ = _gates_mm(acc_r, acc_z, acc_xn, acc_xn, x_ptr, s_xb, s_xk, w_ih_ptr, s_wir, s_wic,
+                                        rb, rj, B, I, H, 3, DOT_DTYPE, PRECISION, BLOCK_K)
     if HAS_STATE:
-        for k0 in range(0, H, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            a = _load_tile(h_ptr, rb, rk, s_hb, s_hk, B, H)
-            acc_r = _mm(acc_r, a, _load_tile(w_hh_ptr, rk, 0 * H + rj, s_whc, s_whr, H, G), DOT_DTYPE, PRECISION)
-            acc_z = _mm(acc_z, a, _load_tile(w_hh_ptr, rk, 1 * H + rj, s_whc, s_whr, H, G), DOT_DTYPE, PRECISION)
-            acc_hn = _mm(acc_hn, a, _load_tile(w_hh_ptr, rk, 2 * H + rj, s_whc, s_whr, H, G), DOT_DTYPE, PRECISION)
+        acc_r, acc_z, acc_hn, _ = _gates_mm(acc_r, acc_z, acc_hn, acc_hn, h_ptr, s_hb, s_hk, w_hh_ptr, s_whr,
+                                            s_whc, rb, rj, B, H, H, 3, DOT_DTYPE, PRECISION, BLOCK_K)
     if HAS_B_IH:
-        acc_r += _load_bias(b_ih_ptr, 0 * H + rj, G, s_bi)[None, :]
-        acc_z += _load_bias(b_ih_ptr, 1 * H + rj, G, s_bi)[None, :]
-        acc_xn += _load_bias(b_ih_ptr, 2 * H + rj, G, s_bi)[None, :]
+        acc_r += _gate_bias(b_ih_ptr, 0, H, rj, s_bi)
+        acc_z += _gate_bias(b_ih_ptr, 1, H, rj, s_bi)
+        acc_xn += _gate_bias(b_ih_ptr, 2, H, rj, s_bi)
     if HAS_B_HH:
-        acc_r += _load_bias(b_hh_ptr, 0 * H + rj, G, s_bh)[None, :]
-        acc_z += _load_bias(b_hh_ptr, 1 * H + rj, G, s_bh)[None, :]
-        acc_hn += _load_bias(b_hh_ptr, 2 * H + rj, G, s_bh)[None, :]
+        acc_r += _gate_bias(b_hh_ptr, 0, H, rj, s_bh)
+        acc_z += _gate_bias(b_hh_ptr, 1, H, rj, s_bh)
+        acc_hn += _gate_bias(b_hh_ptr, 2, H, rj, s_bh)
     r = _sigmoid(acc_r)
     z = _sigmoid(acc_z)
     a_n = acc_xn + r * acc_hn
@@ -252,19 +252,15 @@ def rnn_cell_fwd_kernel(
     rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rj = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     acc = tl.zeros((BLOCK_B, BLOCK_H), tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        a = _load_tile(x_ptr, rb, rk, s_xb, s_xk, B, I)
-        acc = _mm(acc, a, _load_tile(w_ih_ptr, rk, rj, s_wic, s_wir, I, H), DOT_DTYPE, PRECISION)
+    acc, _, _, _ = _gates_mm(acc, acc, acc, acc, x_ptr, s_xb, s_xk, w_ih_ptr, s_wir, s_wic, rb, rj, B, I, H, 1,
+                             DOT_DTYPE, PRECISION, BLOCK_K)
     if HAS_STATE:
-        for k0 in range(0, H, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            a = _load_tile(h_ptr, rb, rk, s_hb, s_hk, B, H)
-            acc = _mm(acc, a, _load_tile(w_hh_ptr, rk, rj, s_whc, s_whr, H, H), DOT_DTYPE, PRECISION)
+        acc, _, _, _ = _gates_mm(acc, acc, acc, acc, h_ptr, s_hb, s_hk, w_hh_ptr, s_whr, s_whc, rb, rj, B, H, H,
+                                 1, DOT_DTYPE, PRECISION, BLOCK_K)
     if HAS_B_IH:
-        acc += _load_bias(b_ih_ptr, rj, H, s_bi)[None, :]
+        acc += _gate_bias(b_ih_ptr, 0, H, rj, s_bi)
     if HAS_B_HH:
-        acc += _load_bias(b_hh_ptr, rj, H, s_bh)[None, :]
+        acc += _gate_bias(b_hh_ptr, 0, H, rj, s_bh)
     if RELU:
         h_new = tl.where(acc < 0.0, 0.0, acc)  # not tl.maximum: NaN must propagate as in torch.relu
     else:
