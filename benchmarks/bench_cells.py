@@ -47,7 +47,6 @@ REPO = os.path.dirname(HERE)
 
 CELLS = ("lstm", "gru", "rnn", "rnn_relu")
 MODES = ("inference", "training")
-KERNEL_BACKENDS = ("triton", "cuda", "cpp")
 OPS = {"lstm": "lstm_cell", "gru": "gru_cell", "rnn": "rnn_cell", "rnn_relu": "rnn_cell"}  # fastseq operators
 SMOKE = {"batch": "2", "hidden": "16", "steps": 3}
 
@@ -594,6 +593,7 @@ def main(argv=None) -> int:
     import triton
 
     import fastseq
+    from fastseq.dispatch import KERNEL_BACKENDS
 
     avail = fastseq.backends()
     if args.backends is None:

@@ -46,6 +46,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from fastseq.tables import markdown_table
+
 # ---------------------------------------------------------------------------------------------------------
 # Archs
 # ---------------------------------------------------------------------------------------------------------
@@ -467,17 +469,6 @@ def extension_report() -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _fmt_table(header: list[str], lines: list[list[str]], right: set[int] = frozenset()) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)] if lines else [len(h) for h in header]
-
-    def fmt(line):
-        return "| " + " | ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
-                                 for i, (c, w) in enumerate(zip(line, widths))) + " |"
-
-    sep = "|" + "|".join(("-" * (w + 1) + ":") if i in right else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
-    return "\n".join([fmt(header), sep] + [fmt(line) for line in lines])
-
-
 def rows_table(rows: list[dict]) -> str:
     header = ["kernel", "arch", "specialisation", "regs", "spill st/ld B", "stack B", "shared KiB (limit)", "HMMA",
               "HGMMA", "LDL/STL", "warps/SM", "occupancy", "limited by", "verdict"]
@@ -491,7 +482,7 @@ def rows_table(rows: list[dict]) -> str:
             f"{r['shared'] / 1024:.1f} ({r['shared_limit'] // 1024})", r["HMMA"], r["HGMMA"],
             f"{r['LDL']}/{r['STL']}", r["warps_per_sm"], f"{r['occupancy']:.0%}", r["occupancy_limiter"],
             "ok" if not r["failures"] else "FAIL"])
-    return _fmt_table(header, lines, right={3, 5, 7, 8, 10, 11})
+    return markdown_table(header, lines, right={3, 5, 7, 8, 10, 11})
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -526,7 +517,7 @@ def summary_table(rows: list[dict]) -> str:
         lines.append([s["kernel"], s["arch"], s["specs"], rng(s["registers"]), s["max_spill_bytes"],
                       s["max_local_ops"], "-" if s["max_shared"] is None else f"{s['max_shared'] / 1024:.1f}",
                       rng(s["occupancy"], lambda x: f"{x:.0%}"), rng(s["tensor_core_ops"]), s["failed"]])
-    return _fmt_table(header, lines, right={2, 4, 5, 6})
+    return markdown_table(header, lines, right={2, 4, 5, 6})
 
 
 def failures(rows: list[dict]) -> list[str]:
@@ -568,7 +559,7 @@ def markdown(info: dict, rows: list[dict], ext: dict) -> str:
         parts += ["## Failures", ""] + [f"- {f}" for f in failed] + [""]
     parts += ["## CUDA extension (`fastseq._C`)", "", ext["note"], ""]
     if ext.get("kernels"):
-        parts += [_fmt_table(["function", "regs", "stack B", "shared B", "local B", "HMMA", "HGMMA", "LDL/STL"],
+        parts += [markdown_table(["function", "regs", "stack B", "shared B", "local B", "HMMA", "HGMMA", "LDL/STL"],
                              [[k["function"], k["registers"], k["stack"], k["shared"], k["local"], k["HMMA"],
                                k["HGMMA"], f"{k['LDL']}/{k['STL']}"] for k in ext["kernels"]]), ""]
     parts += ["## Every kernel and specialisation", "",

@@ -17,8 +17,10 @@ import sys
 
 import torch
 
+from fastseq.dispatch import KERNEL_BACKENDS
+from fastseq.tables import markdown_table
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-KERNEL_BACKENDS = ("triton", "cuda", "cpp")
 # (batch, input_size, hidden_size): odd sizes, batch 1, and (on GPU) a size of practice.
 SHAPES = {"cpu": [(1, 7, 37), (13, 40, 70)], "cuda": [(1, 7, 37), (13, 40, 70), (64, 256, 512)]}
 
@@ -70,16 +72,9 @@ def _format_err(value: float | None) -> str:
 def _table(rows) -> str:
     header = ["op", "backend", "device", "dtype", "shape", "out err", "grad err", "torch out err",
               "torch grad err", "verdict", "worst"]
-    lines = [header] + [[r.op, r.backend, r.device, r.dtype, r.shape, _format_err(r.out_err),
-                         _format_err(r.grad_err), _format_err(r.torch_out_err), _format_err(r.torch_grad_err),
-                         r.verdict, r.worst] for r in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-
-    def fmt(line):
-        return "| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |"
-
-    return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                     + [fmt(line) for line in lines[1:]])
+    return markdown_table(header, [[r.op, r.backend, r.device, r.dtype, r.shape, _format_err(r.out_err),
+                                     _format_err(r.grad_err), _format_err(r.torch_out_err),
+                                     _format_err(r.torch_grad_err), r.verdict, r.worst] for r in rows])
 
 
 def run_check(args) -> int:

@@ -13,6 +13,8 @@ import os
 import torch
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
+# The backends that run fastseq's own kernels (the others choose one, or run torch's).
+KERNEL_BACKENDS = ("triton", "cuda", "cpp")
 
 
 

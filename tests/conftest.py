@@ -47,10 +47,7 @@ def device(request):
     return torch.device(request.param)
 
 
-KERNEL_BACKENDS = ("triton", "cuda", "cpp")
-
-
-@pytest.fixture(params=KERNEL_BACKENDS)
+@pytest.fixture(params=fastseq.dispatch.KERNEL_BACKENDS)
 def kernel_backend(request, device):
     """Each fastseq kernel backend that can run the cells on ``device`` here; the others skip, saying why."""
     name = request.param
