@@ -362,7 +362,7 @@ def _lstm_pointwise_bwd(dh_ptr, dc_ptr, ws_ptr, c_ptr, rb, rj, B, H, s_dhb, s_dh
 
 @triton.jit
 def _gru_pointwise_bwd(dh_ptr, ws_ptr, h_ptr, rb, rj, B, H, s_dhb, s_dhk, s_hb, s_hk, HAS_STATE: tl.constexpr):
-    """Gate gradients of the GRU cell for one tile: input-side (r, z, n), the hidden-side n, and dh'·z."""
+    """Gate gradients of the GRU cell for one tile: input-side (r, z, n) and the hidden-side n."""
     W = 4 * H
     r, dr = _sigmoid_and_grad(_load_f32(ws_ptr + 0 * H, rb, rj, W, 1, B, H))
     a_z = _load_f32(ws_ptr + 1 * H, rb, rj, W, 1, B, H)
@@ -378,7 +378,7 @@ def _gru_pointwise_bwd(dh_ptr, ws_ptr, h_ptr, rb, rj, B, H, s_dhb, s_dhk, s_hb, 
     da_n = dh * _sigmoid(-a_z) * _tanh_grad(a_n)  # 1 − z = σ(−a_z), without cancellation
     da_r = da_n * hn * dr
     da_z = dh * (h - n) * dz
-    return da_r, da_z, da_n, da_n * r, dh * z
+    return da_r, da_z, da_n, da_n * r
 
 
 @triton.jit
@@ -395,7 +395,7 @@ def gru_cell_bwd_kernel(
     if pid_k == 0:
         for j0 in range(0, H, BLOCK_H):
             rj = j0 + tl.arange(0, BLOCK_H)
-            da_r, da_z, da_n, da_hn, _ = _gru_pointwise_bwd(
+            da_r, da_z, da_n, da_hn = _gru_pointwise_bwd(
                 dh_ptr, ws_ptr, h_ptr, rb, rj, B, H, s_dhb, s_dhk, s_hb, s_hk, HAS_STATE)
             _store_tile(dgates_x_ptr + 0 * H, da_r, rb, rj, G, 1, B, H)
             _store_tile(dgates_x_ptr + 1 * H, da_z, rb, rj, G, 1, B, H)
@@ -409,7 +409,7 @@ def gru_cell_bwd_kernel(
         acc = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
         for j0 in range(0, H, BLOCK_H):
             rj = j0 + tl.arange(0, BLOCK_H)
-            da_r, da_z, da_n, da_hn, _ = _gru_pointwise_bwd(
+            da_r, da_z, da_n, da_hn = _gru_pointwise_bwd(
                 dh_ptr, ws_ptr, h_ptr, rb, rj, B, H, s_dhb, s_dhk, s_hb, s_hk, HAS_STATE)
             # The n gate enters the input side as da_n and the hidden side as da_n ⊙ r.
             da_n_side = tl.where(is_x, da_n, da_hn)
@@ -419,10 +419,10 @@ def gru_cell_bwd_kernel(
         if is_x:
             _store_tile(dx_ptr, acc, rb, rk, I, 1, B, I)
         else:
-            # h' = … + z ⊙ h: the direct path adds dh' ⊙ z on the owned hidden units.
-            _, _, _, _, direct = _gru_pointwise_bwd(
-                dh_ptr, ws_ptr, h_ptr, rb, rk, B, H, s_dhb, s_dhk, s_hb, s_hk, HAS_STATE)
-            _store_tile(dh_prev_ptr, acc + direct, rb, rk, H, 1, B, H)
+            # h' = … + z ⊙ h: the direct path adds dh' ⊙ z on the owned hidden units (z from its pre-activation).
+            z = _sigmoid(_load_f32(ws_ptr + 1 * H, rb, rk, 4 * H, 1, B, H))
+            dh = _load_f32(dh_ptr, rb, rk, s_dhb, s_dhk, B, H)
+            _store_tile(dh_prev_ptr, acc + dh * z, rb, rk, H, 1, B, H)
 
 
 @triton.jit
