@@ -14,45 +14,12 @@ import torch
 from torch import Tensor, nn
 
 from fastseq import dispatch as _dispatch
+from fastseq.nn._base import FastModule, dtype_name
 from fastseq.ops import cells as _ops
 
-# torch's autocast casts these cells to the lower-precision dtype on these device types (ATen's
-# autocast lists: on CUDA every cell; on CPU only the Elman cells). fastseq follows the same lists.
-_AUTOCAST_CELLS = {
-    "cuda": {"lstm_cell", "gru_cell", "rnn_cell"},
-    "cpu": {"rnn_cell"},
-}
 
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-class _FastCell:
-    """What the three cells share: the backend attribute, validation and the choice of backend."""
-
-    _op: str  # operator name, e.g. "lstm_cell"
-    _name: str  # torch's class name, for messages
-    _torch_class: type  # the torch.nn class this one stands in for
-
-    def _init_backend(self, backend: str) -> None:
-        self.backend = _dispatch.check_backend_name(backend)
-
-    def _backend(self) -> str:
-        # Modules unpickled from elsewhere may lack the attribute; they behave as "auto".
-        return getattr(self, "backend", "auto")
-
-    def extra_repr(self) -> str:
-        s = super().extra_repr()
-        return s if self._backend() == "auto" else f"{s}, backend={self._backend()!r}"
-
-    def __prepare_scriptable__(self):
-        # torch.jit.script cannot compile fastseq's dispatch; a scripted fastseq cell is torch's own cell
-        # holding the same Parameter objects (same numbers, torch's kernels).
-        twin = self._torch_class.__new__(self._torch_class)
-        twin.__dict__.update(self.__dict__)
-        twin.__dict__.pop("backend", None)
-        return twin
+class _FastCell(FastModule):
+    """What the three cells share: validation and the choice of backend."""
 
     # -- validation -----------------------------------------------------------------------------------
 
@@ -87,16 +54,10 @@ class _FastCell:
                 continue
             if check_dtype and t.dtype != w.dtype:
                 raise RuntimeError(f"{self._name}: {label} dtype must match the parameters' dtype. "
-                                   f"Expected {_dtype_name(w.dtype)}, got {_dtype_name(t.dtype)}")
+                                   f"Expected {dtype_name(w.dtype)}, got {dtype_name(t.dtype)}")
             if t.device != w.device:
                 raise RuntimeError(f"{self._name}: Expected all tensors to be on the same device: {label} is on "
                                    f"{t.device}, the parameters are on {w.device}")
-
-    def _autocast_dtype(self, input: Tensor) -> Optional[torch.dtype]:
-        dev = input.device.type
-        if dev in _AUTOCAST_CELLS and self._op in _AUTOCAST_CELLS[dev] and torch.is_autocast_enabled(dev):
-            return torch.get_autocast_dtype(dev)
-        return None
 
     # -- dispatch ---------------------------------------------------------------------------------------
 
@@ -106,7 +67,7 @@ class _FastCell:
         for label, state in states.items():
             if state is not None:
                 self._check_state(state, label, input)
-        cast = self._autocast_dtype(input)
+        cast = self._autocast_dtype(input.device)
         self._check_dtype_device({"input": input, **states}, check_dtype=cast is None)
         dtype = input.dtype if cast is None else cast
         return _dispatch.select(self._op, input.device, dtype, self._backend()), dtype
