@@ -31,7 +31,7 @@ _bind_source_kernels()
 
 from fastseq.dispatch import BACKENDS, BackendUnavailableError, backends  # noqa: E402
 from fastseq import ops  # noqa: E402,F401  (registers torch.ops.fastseq.*)
-from fastseq.nn import GRUCell, LSTMCell, RNNCell  # noqa: E402
+from fastseq.nn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell  # noqa: E402
 from fastseq.patch import patch, unpatch  # noqa: E402
 
 __version__ = "0.1.0"
@@ -39,8 +39,11 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "GRU",
     "GRUCell",
+    "LSTM",
     "LSTMCell",
+    "RNN",
     "RNNCell",
     "backends",
     "patch",

@@ -122,7 +122,7 @@ def backends() -> dict[str, dict[str, object]]:
 
 
 # Operators each kernel backend implements. The extension reports its own; Triton's are listed here.
-TRITON_OPS = frozenset({"lstm_cell", "gru_cell", "rnn_cell"})
+TRITON_OPS = frozenset({"lstm_cell", "gru_cell", "rnn_cell", "lstm_layer", "gru_layer", "rnn_layer"})
 
 
 def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -153,19 +153,38 @@ def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype) ->
     return None
 
 
-# Preference of "auto" per device type. The interpreter is a test tool, never a fast path, so "auto" on CPU
-# does not pick Triton. The order on CUDA is provisional until the benchmark suite records crossovers.
+# Preference of "auto" per device type. The interpreter is a test tool, never a fast path, so "auto" on CPU does
+# not pick Triton. The order on CUDA is provisional until the benchmark suite records crossovers.
 _AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
 
+# Sizes beyond which "auto" does not pick a kernel backend for an operator, predicted from the floor model
+# (benchmarks/NOTES.md), not yet measured: the Triton layer kernel runs one program per block of batch rows
+# and direction, which re-reads all of W_hh from L2 every time step. At H ≤ 128 that is ≤ 128 KiB (float32
+# LSTM) per step and the recurrence is latency-bound, where one launch per layer beats cuDNN's per-step
+# launches; at H = 1024 it is 8-16 MiB per step through one SM's share of L2 bandwidth (tens of µs), slower
+# than cuDNN. Until the benchmark measures the crossover, "auto" gives larger layers to torch.
+AUTO_MAX_HIDDEN = {
+    ("triton", "lstm_layer"): 128,
+    ("triton", "gru_layer"): 128,
+    ("triton", "rnn_layer"): 128,
+}
 
-def select(op: str, device: torch.device, dtype: torch.dtype, requested: str) -> str:
-    """The backend that runs ``op`` on tensors of ``device``/``dtype`` given the ``requested`` one."""
+
+def _auto_declines(backend: str, op: str, hidden: int | None) -> bool:
+    limit = AUTO_MAX_HIDDEN.get((backend, op))
+    return limit is not None and hidden is not None and hidden > limit
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype, requested: str, hidden: int | None = None) -> str:
+    """The backend that runs ``op`` on tensors of ``device``/``dtype`` given the ``requested`` one. ``hidden``
+    (the hidden size, where the operator has one) lets ``"auto"`` leave sizes a kernel is not predicted to win
+    at to torch; an explicit backend runs any size."""
     check_backend_name(requested)
     if requested == "torch":
         return "torch"
     if requested == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ()):
-            if _why_not(candidate, op, device, dtype) is None:
+            if _why_not(candidate, op, device, dtype) is None and not _auto_declines(candidate, op, hidden):
                 return candidate
         return "torch"
     reason = _why_not(requested, op, device, dtype)

@@ -12,8 +12,11 @@ from torch import nn
 from fastseq import dispatch as _dispatch
 from fastseq import nn as _fnn
 
-# Which torch class each fastseq class stands in for; later issues add the layers and attention.
+# Which torch class each fastseq class stands in for; the attention issue adds MultiheadAttention.
 FASTSEQ_CLASS = {
+    nn.LSTM: _fnn.LSTM,
+    nn.GRU: _fnn.GRU,
+    nn.RNN: _fnn.RNN,
     nn.LSTMCell: _fnn.LSTMCell,
     nn.GRUCell: _fnn.GRUCell,
     nn.RNNCell: _fnn.RNNCell,
@@ -39,6 +42,8 @@ def patch(model: nn.Module, *, backend: str = "auto") -> nn.Module:
             module.__class__ = fast
         if type(module) in TORCH_CLASS:
             module.backend = backend
+            if isinstance(module, _fnn.layers._FastRNNBase):
+                _fnn.layers.allow_fastseq_layers(_fnn.layers._FastRNNBase)  # torch.compile may trace it
     return model
 
 

@@ -39,8 +39,8 @@ def test_explicit_backends_say_why_they_cannot_run():
             with pytest.raises(fastseq.BackendUnavailableError, match=backend) as e:
                 dispatch.select("lstm_cell", cpu, torch.float32, backend)
             assert fastseq.backends()[backend]["reason"] in str(e.value) or "kernel" in str(e.value)
-    with pytest.raises(fastseq.BackendUnavailableError, match="no Triton kernel for lstm_layer"):
-        dispatch.select("lstm_layer", cpu, torch.float32, "triton")
+    with pytest.raises(fastseq.BackendUnavailableError, match="no Triton kernel for no_such_op"):
+        dispatch.select("no_such_op", cpu, torch.float32, "triton")
     assert issubclass(fastseq.BackendUnavailableError, RuntimeError)
 
 
@@ -61,6 +61,19 @@ def test_wrong_device_and_missing_kernel_with_an_available_extension(monkeypatch
     assert dispatch.select("gru_cell", torch.device("cpu"), torch.float32, "cpp") == "cpp"
     assert dispatch.select("gru_cell", torch.device("cpu"), torch.float32, "auto") == "cpp"
     assert dispatch.select("gru_cell", torch.device("cuda"), torch.float32, "auto") == "cuda"
+
+
+def test_auto_leaves_large_layers_to_torch(monkeypatch):
+    """Where a kernel is not predicted to win (AUTO_MAX_HIDDEN), "auto" gives the call to torch; an explicit
+    backend still runs it."""
+    monkeypatch.setitem(dispatch._STATUS, "triton", (True, None))
+    monkeypatch.setitem(dispatch._STATUS, "cuda", (False, "not built"))
+    gpu = torch.device("cuda")
+    for op in ("lstm_layer", "gru_layer", "rnn_layer"):
+        limit = dispatch.AUTO_MAX_HIDDEN[("triton", op)]
+        assert dispatch.select(op, gpu, torch.float32, "auto", hidden=limit) == "triton"
+        assert dispatch.select(op, gpu, torch.float32, "auto", hidden=limit + 1) == "torch"
+        assert dispatch.select(op, gpu, torch.float32, "triton", hidden=limit + 1) == "triton"
 
 
 def test_auto_and_torch_selection():

@@ -1,3 +1,4 @@
 """Operators of fastseq (``torch.ops.fastseq.*``): schemas, fake implementations, autograd."""
 
 from fastseq.ops import cells  # noqa: F401  (registers the cell operators)
+from fastseq.ops import layers  # noqa: F401  (registers the layer operators)
