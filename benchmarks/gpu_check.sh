@@ -11,7 +11,9 @@
 #   tests      python -m pytest tests -m cuda (junit: pytest_cuda.xml; "no tests ran" is
 #              not a failure)                                                           -> tests.log
 #   check      python -m fastseq check                                                  -> check.txt
-#   bench      benchmarks/bench_cells.py over the full grid                             -> bench_cells/
+#   bench      benchmarks/bench_cells.py over the full grid (half the time left)        -> bench_cells/
+#   layers     benchmarks/bench_layers.py: LSTM/GRU layers, 2 layers, bidirectional,
+#              padded and packed, bf16/fp32, B 1/32, H 128/512, T 256 (the rest)        -> bench_layers/
 # Then $OUT/summary.txt lists every step's status; the exit status is non-zero if any step failed.
 #
 # After a successful install the Python steps run from a scratch directory, so that `import fastseq` is the
@@ -243,7 +245,8 @@ else
     BENCH_ARGS=(--smoke --device cpu)
 fi
 # The bench stops starting cases when its budget is spent (skipped cases are listed); keep 20 s for writing.
-BENCH_BUDGET=$(( $(left) - 40 ))
+# The cells get half of the time left, the layers the rest.
+BENCH_BUDGET=$(( ($(left) - 80) / 2 ))
 [ "$BENCH_BUDGET" -lt 10 ] && BENCH_BUDGET=10
 # shellcheck disable=SC2206
 EXTRA=(${GPU_CHECK_BENCH_ARGS:-})
@@ -252,6 +255,23 @@ run_step bench 600 "$OUT/bench_cells.log" bash -c "cd '$WORK' && '$PYTHON' '$REP
 TAIL="$(tail -1 "$OUT/bench_cells.log")"
 if [ "$RC" = 0 ]; then record bench PASS "$RC" "$SECS" "$TAIL"
 else record bench FAIL "$RC" "$SECS" "$(timeout_note $RC)$TAIL"; fi
+
+# ---------------------------------------------------------------------------------------------------------
+# layers
+# ---------------------------------------------------------------------------------------------------------
+if [ "$SMOKE" = "0" ]; then
+    LAYER_ARGS=(--device cuda --kinds lstm,gru --batch 1,32 --hidden 128,512 --steps 256 --layers 2 --directions 2
+                --dtypes bfloat16,float32 --packed 0,1 --rep-ms 40 --rounds 2)
+else
+    LAYER_ARGS=(--smoke --device cpu)
+fi
+LAYER_BUDGET=$(( $(left) - 40 ))
+[ "$LAYER_BUDGET" -lt 10 ] && LAYER_BUDGET=10
+run_step layers 600 "$OUT/bench_layers.log" bash -c "cd '$WORK' && '$PYTHON' '$REPO/benchmarks/bench_layers.py' \
+    ${LAYER_ARGS[*]} --time-budget $LAYER_BUDGET --out '$OUT/bench_layers'"
+TAIL="$(tail -1 "$OUT/bench_layers.log")"
+if [ "$RC" = 0 ]; then record layers PASS "$RC" "$SECS" "$TAIL"
+else record layers FAIL "$RC" "$SECS" "$(timeout_note $RC)$TAIL"; fi
 
 # ---------------------------------------------------------------------------------------------------------
 # summary
@@ -265,7 +285,7 @@ TOTAL=$(( $(date +%s) - START ))
     for line in "${STATUS_LINES[@]}"; do echo "$line"; done
     echo
     if [ "$FAILED" = 0 ]; then echo "OVERALL: PASS"; else echo "OVERALL: FAIL"; fi
-    echo "logs: versions.log install.log import.log tests.log pytest_cuda.xml check.txt bench_cells.log bench_cells/results.{md,json}"
+    echo "logs: versions.log install.log import.log tests.log pytest_cuda.xml check.txt bench_cells.log bench_cells/results.{md,json} bench_layers.log bench_layers/results.{md,json}"
 } >"$SUMMARY"
 cat "$SUMMARY" | tee -a "$LOG"
 exit "$FAILED"

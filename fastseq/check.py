@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fastseq import reference
-from fastseq.nn import GRUCell, LSTMCell, RNNCell
+from fastseq.nn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 # kind -> (fastseq class, torch class, constructor keywords)
 CELLS = {
@@ -21,6 +21,15 @@ CELLS = {
     "gru_cell": (GRUCell, nn.GRUCell, {}),
     "rnn_cell_tanh": (RNNCell, nn.RNNCell, {"nonlinearity": "tanh"}),
     "rnn_cell_relu": (RNNCell, nn.RNNCell, {"nonlinearity": "relu"}),
+}
+
+# kind -> (fastseq class, torch class, constructor keywords): whole layers, two of them stacked, bidirectional.
+LAYERS = {
+    "lstm_layer": (LSTM, nn.LSTM, {}),
+    "lstm_layer_proj": (LSTM, nn.LSTM, {"proj_size": 3}),
+    "gru_layer": (GRU, nn.GRU, {}),
+    "rnn_layer_tanh": (RNN, nn.RNN, {"nonlinearity": "tanh"}),
+    "rnn_layer_relu": (RNN, nn.RNN, {"nonlinearity": "relu"}),
 }
 
 # Rounding floor per dtype, added to twice torch's own error.
@@ -165,15 +174,107 @@ def check_cell(kind: str, backend: str, device, dtype, shape: tuple[int, int, in
     batch, input_size, hidden_size = shape
     ours, theirs = make_cells(kind, input_size, hidden_size, True, dtype, device, backend)
     x, state = make_inputs(kind, batch, input_size, hidden_size, dtype, device, True)
-    comps = compare_cell(kind, ours, theirs, x, state, dtype)
-    outs = [c for c in comps if c.name.startswith("output")]
+    return _row(kind, backend, device, dtype, f"B={batch} I={input_size} H={hidden_size}",
+                compare_cell(kind, ours, theirs, x, state, dtype))
+
+
+def _row(kind: str, backend: str, device, dtype, shape: str, comps: list[Comparison]) -> CheckRow:
+    outs = [c for c in comps if not c.name.startswith("grad")]
     grads = [c for c in comps if c.name.startswith("grad")]
     failed = [c for c in comps if not c.ok]
     worst = max(comps, key=lambda c: float("inf") if c.error is None else c.error / c.tolerance)
     return CheckRow(
         op=kind, backend=backend, device=str(device), dtype=str(dtype).removeprefix("torch."),
-        shape=f"B={batch} I={input_size} H={hidden_size}",
+        shape=shape,
         out_err=_worst([c.error for c in outs]), grad_err=_worst([c.error for c in grads]),
         torch_out_err=max(c.torch_error for c in outs), torch_grad_err=max(c.torch_error for c in grads),
         verdict="FAIL" if failed else "ok", worst=worst.name,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_layers(kind: str, input_size: int, hidden_size: int, dtype, device, backend: str, num_layers: int = 2,
+                bidirectional: bool = True):
+    """A fastseq layer and a torch layer holding equal (random) parameters."""
+    fast_cls, torch_cls, kw = LAYERS[kind]
+    options = dict(num_layers=num_layers, bidirectional=bidirectional, device=device, dtype=dtype, **kw)
+    theirs = torch_cls(input_size, hidden_size, **options)
+    ours = fast_cls(input_size, hidden_size, backend=backend, **options)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def _layer_states(module, batch: int, dtype, device) -> list:
+    rows = module.num_layers * (2 if module.bidirectional else 1)
+    h_size = module.proj_size or module.hidden_size
+    states = [torch.randn(rows, batch, h_size, dtype=dtype, device=device)]
+    if isinstance(module, nn.LSTM):
+        states.append(torch.randn(rows, batch, module.hidden_size, dtype=dtype, device=device))
+    return states
+
+
+def _run_layer(module, x, states, grad_outs):
+    """Output and final states of ``module`` (time-major input, given initial states) and the gradients of
+    (input, states…, parameters…) for ``grad_outs``."""
+    x = x.detach().clone().requires_grad_()
+    states = [s.detach().clone().requires_grad_() for s in states]
+    module.zero_grad(set_to_none=True)
+    out, final = module(x, tuple(states) if len(states) == 2 else states[0])
+    outs = [out, *(final if isinstance(final, tuple) else (final,))]
+    torch.autograd.backward(outs, grad_outs)
+    grads = [x.grad] + [s.grad for s in states] + [p.grad for p in module.parameters()]
+    return [o.detach() for o in outs], grads
+
+
+def _run_reference_layer(kind: str, module, x, states, grad_outs):
+    """The same as :func:`_run_layer` in float64 through :mod:`fastseq.reference`."""
+    def leaf(t):
+        return t.detach().double().requires_grad_()
+
+    x64, states64 = leaf(x), [leaf(s) for s in states]
+    params = [leaf(p) for p in module.parameters()]
+    per = len(params) // (module.num_layers * (2 if module.bidirectional else 1))
+    weights = [tuple(params[i:i + per]) for i in range(0, len(params), per)]
+    options = dict(num_layers=module.num_layers, bidirectional=module.bidirectional)
+    if kind.startswith("lstm"):
+        out, (h, c) = reference.lstm_layer(x64, tuple(states64), weights, proj_size=module.proj_size, **options)
+        outs = [out, h, c]
+    elif kind == "gru_layer":
+        outs = list(reference.gru_layer(x64, states64[0], weights, **options))
+    else:
+        outs = list(reference.rnn_layer(x64, states64[0], weights, nonlinearity=module.nonlinearity, **options))
+    torch.autograd.backward(outs, [g.double() for g in grad_outs])
+    return [o.detach() for o in outs], [t.grad for t in [x64, *states64, *params]]
+
+
+def compare_layer(kind: str, ours, theirs, x, states, dtype) -> list[Comparison]:
+    """Output, final states and every gradient of ``ours`` and ``theirs`` against the float64 reference."""
+    with torch.no_grad():  # only for the shapes of the upstream gradients
+        their_fwd = theirs(x, tuple(states) if len(states) == 2 else states[0])
+    their_outs = [their_fwd[0], *(their_fwd[1] if isinstance(their_fwd[1], tuple) else (their_fwd[1],))]
+    grad_outs = [torch.randn_like(o) for o in their_outs]
+    our_out, our_grads = _run_layer(ours, x, states, grad_outs)
+    their_out, their_grads = _run_layer(theirs, x, states, grad_outs)
+    ref_out, ref_grads = _run_reference_layer(kind, ours, x, states, grad_outs)
+    names = (["output"] + [f"final state[{i}]" for i in range(len(states))] + ["grad input"]
+             + [f"grad state[{i}]" for i in range(len(states))] + [f"grad {n}" for n, _ in ours.named_parameters()])
+    result = []
+    for name, o, t, r in zip(names, our_out + our_grads, their_out + their_grads, ref_out + ref_grads):
+        torch_error = rel_err(t, r)
+        valid = o is not None and o.shape == r.shape and o.dtype == t.dtype and bool(torch.isfinite(o).all())
+        result.append(Comparison(name, rel_err(o, r) if valid else None, torch_error, tolerance(torch_error, dtype)))
+    return result
+
+
+def check_layer(kind: str, backend: str, device, dtype, shape: tuple[int, int, int, int]) -> CheckRow:
+    """One case of a two-layer bidirectional layer (random input and initial states) as a row."""
+    batch, steps, input_size, hidden_size = shape
+    ours, theirs = make_layers(kind, input_size, hidden_size, dtype, device, backend)
+    x = torch.randn(steps, batch, input_size, dtype=dtype, device=device)
+    states = _layer_states(ours, batch, dtype, device)
+    return _row(kind, backend, device, dtype, f"B={batch} T={steps} I={input_size} H={hidden_size} L=2 D=2",
+                compare_layer(kind, ours, theirs, x, states, dtype))

@@ -23,6 +23,12 @@ from fastseq.tables import markdown_table
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # (batch, input_size, hidden_size): odd sizes, batch 1, and (on GPU) a size of practice.
 SHAPES = {"cpu": [(1, 7, 37), (13, 40, 70)], "cuda": [(1, 7, 37), (13, 40, 70), (64, 256, 512)]}
+# (batch, steps, input_size, hidden_size) of the layers (two layers, bidirectional): one that fits a kernel tile
+# and one that does not; on GPU also a size of practice.
+LAYER_SHAPES = {
+    "cpu": [(1, 3, 5, 7), (3, 5, 6, 37)],
+    "cuda": [(1, 3, 5, 7), (3, 5, 6, 37), (32, 64, 256, 256)],
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,10 +88,11 @@ def run_check(args) -> int:
     from fastseq import check, dispatch
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ops = args.ops or list(check.CELLS)
-    unknown = [op for op in ops if op not in check.CELLS]
+    known = {**check.CELLS, **check.LAYERS}
+    ops = args.ops or list(known)
+    unknown = [op for op in ops if op not in known]
     if unknown:
-        raise SystemExit(f"fastseq check: unknown op(s) {unknown}; choose from {list(check.CELLS)}")
+        raise SystemExit(f"fastseq check: unknown op(s) {unknown}; choose from {list(known)}")
     info = fastseq.backends()
     print(f"fastseq {fastseq.__version__}, torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
@@ -96,15 +103,17 @@ def run_check(args) -> int:
     for op in ops:
         for backend in args.backends or KERNEL_BACKENDS:
             try:
-                dispatch.select(check.CELLS[op][0]._op, device, torch.float32, backend)
+                dispatch.select(known[op][0]._op, device, torch.float32, backend)
             except fastseq.BackendUnavailableError as e:
                 if args.backends:  # asked for by name: say why it is not checked
                     print(f"  skipped {op} on {backend}: {e}")
                 continue
+            is_layer = op in check.LAYERS
             for dtype_name in args.dtypes:
-                for shape in SHAPES[device.type]:
+                for shape in (LAYER_SHAPES if is_layer else SHAPES)[device.type]:
                     torch.manual_seed(args.seed)
-                    rows.append(check.check_cell(op, backend, device, DTYPES[dtype_name], shape))
+                    run = check.check_layer if is_layer else check.check_cell
+                    rows.append(run(op, backend, device, DTYPES[dtype_name], shape))
     if not rows:
         print("no fastseq kernel backend can run here (see the reasons above): nothing to check")
         return 0
