@@ -94,7 +94,12 @@ class _FastRNNBase(FastModule):
         if hx is None:
             return None
         if self._kind == "lstm":
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            # torch raises RuntimeError for a Tensor or a tuple of the wrong length (its kernel finds the
+            # states malformed); the same class here, so a caller's `except RuntimeError:` keeps working.
+            if isinstance(hx, Tensor) or (isinstance(hx, (tuple, list)) and len(hx) != 2):
+                got = "a Tensor" if isinstance(hx, Tensor) else f"{len(hx)} states"
+                raise RuntimeError(f"{self._name}: hx must be a tuple of two Tensors (h_0, c_0), got {got}")
+            if not isinstance(hx, (tuple, list)):
                 raise TypeError(f"{self._name}: hx must be a tuple of two Tensors (h_0, c_0), "
                                 f"got {type(hx).__name__}")
             for i, s in enumerate(hx):
@@ -172,22 +177,31 @@ class _FastRNNBase(FastModule):
             x = x.transpose(0, 1)
         x = x.to(dtype)
         states = tuple(s.to(dtype) for s in call["states"])
-        directions = 2 if self.bidirectional else 1
         save = torch.is_grad_enabled() and (
             x.requires_grad or any(s.requires_grad for s in states)
             or any(p is not None and p.requires_grad for p in self._flat_weights))
         finals: list[list[Tensor]] = [[] for _ in states]
-        for layer in range(self.num_layers):
-            if layer > 0 and self.dropout > 0 and self.training:
-                x = F.dropout(x, self.dropout, training=True)
-            p = self._layer_params(layer, dtype)
-            gates_x = F.linear(x, p["w_ih"], p["b_ih"])
-            rows = slice(layer * directions, (layer + 1) * directions)
-            layer_states = [s[rows].contiguous() for s in states]
-            x, *layer_finals = self._recurrence(gates_x, layer_states, p, batch_sizes, backend, save)
-            for acc, final in zip(finals, layer_finals):
-                acc.append(final)
+        # Everything is already in the call's dtype; torch's autocast must not re-cast the input projection
+        # (it would, for a layer autocast leaves in float32, such as GRU on CPU).
+        with torch.autocast(x.device.type, enabled=False):
+            for layer in range(self.num_layers):
+                x = self._run_layer(layer, x, states, finals, batch_sizes, backend, dtype, save)
         return x, tuple(torch.cat(parts) for parts in finals)
+
+    def _run_layer(self, layer, x, states, finals, batch_sizes, backend, dtype, save) -> Tensor:
+        """One layer (both directions): dropout on its input (after the first layer, in training), the input
+        projection, the fused recurrence. Appends the final states to ``finals``; returns the output."""
+        directions = 2 if self.bidirectional else 1
+        if layer > 0 and self.dropout > 0 and self.training:
+            x = F.dropout(x, self.dropout, training=True)
+        p = self._layer_params(layer, dtype)
+        gates_x = F.linear(x, p["w_ih"], p["b_ih"])
+        rows = slice(layer * directions, (layer + 1) * directions)
+        layer_states = [s[rows].contiguous() for s in states]
+        out, *layer_finals = self._recurrence(gates_x, layer_states, p, batch_sizes, backend, save)
+        for acc, final in zip(finals, layer_finals):
+            acc.append(final)
+        return out
 
     def _format(self, call: dict, out: Tensor, states: tuple[Tensor, ...]):
         """Results in the caller's form: packed in, packed out; batch-first; unbatched; original order."""
