@@ -32,6 +32,7 @@ _bind_source_kernels()
 from fastseq.dispatch import BACKENDS, BackendUnavailableError, backends  # noqa: E402
 from fastseq import ops  # noqa: E402,F401  (registers torch.ops.fastseq.*)
 from fastseq.nn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell  # noqa: E402
+from fastseq.functional import scaled_dot_product_attention  # noqa: E402
 from fastseq.patch import patch, unpatch  # noqa: E402
 
 __version__ = "0.1.0"
@@ -47,5 +48,6 @@ __all__ = [
     "RNNCell",
     "backends",
     "patch",
+    "scaled_dot_product_attention",
     "unpatch",
 ]

@@ -159,7 +159,10 @@ def _flag_rows(flags: list[str], grid: str) -> list[dict]:
 # The cells' boolean constexprs, and which kernels take them (from the signatures themselves).
 CELL_FLAGS = ("HAS_STATE", "HAS_B_IH", "HAS_B_HH", "SAVE", "RELU")
 CELL_BATCHES = (1, 2, 3, 5, 8, 13, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 255, 256, 1000, 4096, 65536)
-_FLAG_NAMES = {"HAS_STATE": "state", "HAS_B_IH": "b_ih", "HAS_B_HH": "b_hh", "SAVE": "save", "RELU": "relu"}
+# The layers' (kernels/rnn_seq.py): packed input, workspace, state on chip, hidden bias, LSTM projection, relu.
+SEQ_FLAGS = ("PACKED", "SAVE", "ON_CHIP", "HAS_B_HH", "HAS_PROJ", "RELU")
+_FLAG_NAMES = {"HAS_STATE": "state", "HAS_B_IH": "b_ih", "HAS_B_HH": "b_hh", "SAVE": "save", "RELU": "relu",
+               "PACKED": "packed", "ON_CHIP": "on_chip", "HAS_PROJ": "proj"}
 
 
 def _label(dtype: str, precision: str, launch: dict, flags: dict) -> str:
@@ -169,36 +172,37 @@ def _label(dtype: str, precision: str, launch: dict, flags: dict) -> str:
     return " ".join(parts)
 
 
-def cell_specs(ops: Iterable[str] | None = None, dtypes: Iterable[str] | None = None,
-               flag_grid: str = "pairwise") -> list[Spec]:
-    """Every specialisation of the Triton cell kernels that the launchers (``kernels/rnn_cell.py``) can
-    choose on a GPU: each dtype (float32 in IEEE and in TF32 mode, as ``torch.backends.cuda.matmul.
-    allow_tf32`` picks), each distinct ``blocks(batch, dtype, on_gpu=True)`` over batch sizes, and the boolean
-    constexprs per ``flag_grid``."""
+def _family_specs(module_name: str, kernels: tuple[str, ...], flag_names: tuple[str, ...], pointer_dtypes: dict,
+                  ops: Iterable[str] | None, dtypes: Iterable[str] | None, flag_grid: str) -> list[Spec]:
+    """Every specialisation of ``kernels`` (in ``fastseq.kernels.<module_name>``) that its launchers can choose on
+    a GPU: each dtype (float32 in IEEE and in TF32 mode, as ``torch.backends.cuda.matmul.allow_tf32`` picks),
+    each distinct ``blocks(batch, dtype, on_gpu=True)`` of the module over batch sizes (the backward's apart),
+    and the boolean constexprs among ``flag_names`` that each kernel takes, per ``flag_grid``."""
+    import importlib
+
     import torch
     import triton.language as tl
 
-    from fastseq.kernels import rnn_cell
-
-    budgets = getattr(rnn_cell, "AOT_BUDGETS", {})
+    module = importlib.import_module(f"fastseq.kernels.{module_name}")
+    budgets = getattr(module, "AOT_BUDGETS", {})
     tl_dtypes = {"float32": tl.float32, "float16": tl.float16, "bfloat16": tl.bfloat16}
     torch_dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     specs = []
-    for name in CELL_KERNELS:
+    for name in kernels:
         if ops is not None and name not in ops:
             continue
-        fn = getattr(rnn_cell, name)
-        flags = [f for f in CELL_FLAGS if f in fn.arg_names]
+        fn = getattr(module, name)
+        flags = [f for f in flag_names if f in fn.arg_names]
         for dtype in dtypes or DTYPES:
             backward = name.endswith("_bwd_kernel")  # the launchers pick the backward's tiles apart
-            launches = sorted({json.dumps(rnn_cell.blocks(b, torch_dtypes[dtype], on_gpu=True, backward=backward),
+            launches = sorted({json.dumps(module.blocks(b, torch_dtypes[dtype], on_gpu=True, backward=backward),
                                           sort_keys=True)
                                for b in CELL_BATCHES}, key=lambda s: json.loads(s)["BLOCK_B"])
             precisions = ("ieee", "tf32") if dtype == "float32" else ("ieee",)
             for precision in precisions:
                 for launch in map(json.loads, launches):
                     for flag_values in _flag_rows(flags, flag_grid):
-                        tiles = {k: v for k, v in launch.items() if k != "num_warps"}
+                        tiles = {k: v for k, v in launch.items() if k not in ("num_warps", "num_stages")}
                         specs.append(Spec(
                             kernel=name, fn=fn, dtype=dtype,
                             constexprs=dict(DOT_DTYPE=tl_dtypes[dtype], PRECISION=precision, **tiles, **flag_values),
@@ -206,15 +210,143 @@ def cell_specs(ops: Iterable[str] | None = None, dtypes: Iterable[str] | None = 
                             label=_label(dtype, precision, launch, flag_values),
                             tensor_cores=dtype != "float32" or precision == "tf32",
                             budget=dict(budgets.get(name, {"spill_bytes": 0, "local_ops": 0})),
-                            pointer_dtypes={"ws_ptr": "float32"}))
+                            pointer_dtypes={k: v for k, v in pointer_dtypes.items() if k in fn.arg_names}))
     return specs
+
+
+def cell_specs(ops: Iterable[str] | None = None, dtypes: Iterable[str] | None = None,
+               flag_grid: str = "pairwise") -> list[Spec]:
+    """Every specialisation of the Triton cell kernels (``kernels/rnn_cell.py``) the launchers can choose on a
+    GPU (see ``_family_specs``)."""
+    return _family_specs("rnn_cell", CELL_KERNELS, CELL_FLAGS, {"ws_ptr": "float32"}, ops, dtypes, flag_grid)
+
+
+# The layer kernels' pointers that are not in the input dtype: the float32 workspace, scratch states and
+# dh_total, and the int64 batch sizes and step offsets of packed sequences.
+_SEQ_POINTERS = {**{p: "float32" for p in ("ws_ptr", "h_scr_ptr", "c_scr_ptr", "m_scr_ptr", "dh_scr_ptr",
+                                           "dc_scr_ptr", "dht_ptr")},
+                 "bs_ptr": "i64", "off_ptr": "i64"}
+
+
+def seq_specs(ops: Iterable[str] | None = None, dtypes: Iterable[str] | None = None,
+              flag_grid: str = "pairwise") -> list[Spec]:
+    """Every specialisation of the Triton layer kernels (``kernels/rnn_seq.py``: the whole recurrence of a
+    layer) the launchers can choose on a GPU (see ``_family_specs``)."""
+    return _family_specs("rnn_seq", SEQ_KERNELS, SEQ_FLAGS, _SEQ_POINTERS, ops, dtypes, flag_grid)
 
 
 CELL_KERNELS = ("lstm_cell_fwd_kernel", "gru_cell_fwd_kernel", "rnn_cell_fwd_kernel",
                 "lstm_cell_bwd_kernel", "gru_cell_bwd_kernel", "rnn_cell_bwd_kernel")
+SEQ_KERNELS = ("lstm_seq_fwd_kernel", "gru_seq_fwd_kernel", "rnn_seq_fwd_kernel",
+               "lstm_seq_bwd_kernel", "gru_seq_bwd_kernel", "rnn_seq_bwd_kernel")
+# The attention kernels (kernels/attention.py) with matrix products: forward (general and split-key decode),
+# dK/dV and dQ. (Its three small kernels, the decode combine, backward's D = rowsum(dO·O) and the dropout-mask
+# writer for tests, have no products and are not listed: every half-precision row here must use tensor cores.)
+ATTN_KERNELS = ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel")
+ATTN_HEADS = (64, 128, 256)  # one head size per tile class of attention.blocks (<= 64, <= 128, <= 256)
+_ATTN_POINTERS = {"seed_ptr": "i64", "lse_ptr": "float32", "part_ptr": "float32", "ml_ptr": "float32",
+                  "delta_ptr": "float32", "dmask_ptr": "float32"}
+_ATTN_FLOATS = ("scale", "scale_log2", "p_drop", "drop_scale")
+
+
+@dataclass
+class _FloatScalarSpec(Spec):
+    """A Spec whose scalar arguments named in ``floats`` are float32 (the others stay i32)."""
+    floats: tuple = ()
+
+    def signature(self) -> dict:
+        sig = super().signature()
+        for name in self.floats:
+            if sig.get(name) == "i32":
+                sig[name] = "fp32"
+        return sig
+
+
+def _attention_rows(name: str, flag_grid: str, head_class: int, dtype: str, precision: str) -> list[dict]:
+    """The feature constexprs (mask kind, causality, dropout; for dK/dV which gradients and whether dS is
+    written) compiled for one tile choice. "all-on": every feature, with a bool and with a float mask (dS
+    written for the float one). "pairwise": for every tile choice the dense row (no mask, causality or dropout)
+    and the all-on float row (the most registers); for the middle head class in float16 and float32 (IEEE) also
+    rows covering every pair of feature values (mask kind x causal x dropout) and, for dK/dV, the separate dK
+    and dV passes of H_k != H_v. "full": every combination for every tile choice."""
+    def row(mask, causal, dropout, dk=True, dv=True):
+        r = {"MASK_KIND": mask, "IS_CAUSAL": causal, "DROPOUT": dropout}
+        if name == "attn_bwd_dkdv_kernel":
+            r.update(COMPUTE_DK=dk, COMPUTE_DV=dv, WRITE_DMASK=mask == 2 and dk)
+        return r
+
+    if flag_grid == "all-on":
+        return [row(1, True, True), row(2, True, True)]
+    if flag_grid == "full":
+        passes = ((True, True), (True, False), (False, True)) if name == "attn_bwd_dkdv_kernel" else ((True, True),)
+        return [row(m, c, d, dk, dv) for m in (0, 1, 2) for c in (True, False) for d in (True, False)
+                for dk, dv in passes]
+    rows = [row(0, False, False), row(2, True, True)]
+    if head_class == 1 and (dtype, precision) in (("float16", "ieee"), ("float32", "ieee")):
+        rows += [row(1, True, True), row(0, True, True), row(1, True, False), row(1, False, True),
+                 row(2, False, False)]
+        if name == "attn_bwd_dkdv_kernel":
+            rows += [row(2, True, False, dk=True, dv=False), row(1, False, True, dk=False, dv=True)]
+    return rows
+
+
+def attention_specs(ops: Iterable[str] | None = None, dtypes: Iterable[str] | None = None,
+                    flag_grid: str = "pairwise") -> list[Spec]:
+    """Every specialisation of the attention kernels (``kernels/attention.py``) the launchers can choose on a
+    GPU: each dtype (float32 in IEEE and in TF32 mode), each head-size class of ``attention.blocks`` (the
+    forward with its general tiles, ``SPLIT=False``, and its decode tiles, ``SPLIT=True``), and the feature
+    constexprs of ``_attention_rows``."""
+    import importlib
+
+    import torch
+    import triton.language as tl
+
+    module = importlib.import_module("fastseq.kernels.attention")
+    budgets = getattr(module, "AOT_BUDGETS", {})
+    tl_dtypes = {"float32": tl.float32, "float16": tl.float16, "bfloat16": tl.bfloat16}
+    torch_dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    kinds = {"attn_fwd_kernel": (("fwd", False), ("decode", True)), "attn_bwd_dkdv_kernel": (("bwd", None),),
+             "attn_bwd_dq_kernel": (("dq", None),)}
+    specs = []
+    for name in ATTN_KERNELS:
+        if ops is not None and name not in ops:
+            continue
+        fn = getattr(module, name)
+        for dtype in dtypes or DTYPES:
+            for precision in (("ieee", "tf32") if dtype == "float32" else ("ieee",)):
+                for kind, split in kinds[name]:
+                    for head_class, head in enumerate(ATTN_HEADS):
+                        launch = module.blocks(4096, 4096, head, head, torch_dtypes[dtype], True, kind, precision)
+                        tiles = {k: v for k, v in launch.items() if k not in ("num_warps", "num_stages")}
+                        for features in _attention_rows(name, flag_grid, head_class, dtype, precision):
+                            consts = dict(DOT_DTYPE=tl_dtypes[dtype], PRECISION=precision, **tiles, **features)
+                            if split is not None:
+                                consts["SPLIT"] = split
+                            consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+                            shape = "x".join(str(launch[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_E", "BLOCK_EV"))
+                            label = " ".join(
+                                [SHORT[dtype] + ("/tf32" if precision == "tf32" else ""),
+                                 f"{shape} w{launch['num_warps']}" + (f" chunk{consts['CHUNK']}"
+                                                                      if consts.get("CHUNK") else "")
+                                 + (f" s{launch['num_stages']}" if launch.get("num_stages") else ""),
+                                 kind, f"mask={('none', 'bool', 'float')[features['MASK_KIND']]}"]
+                                + [f"{k.lower()}={int(v)}" for k, v in features.items() if k != "MASK_KIND"])
+                            specs.append(_FloatScalarSpec(
+                                kernel=name, fn=fn, dtype=dtype, constexprs=consts, num_warps=launch["num_warps"],
+                                num_stages=launch.get("num_stages"), label=label,
+                                tensor_cores=dtype != "float32" or precision == "tf32",
+                                budget=dict(budgets.get(name, {"spill_bytes": 0, "local_ops": 0})),
+                                pointer_dtypes={k: v for k, v in _ATTN_POINTERS.items() if k in fn.arg_names}
+                                | ({"mask_ptr": "u8"} if features["MASK_KIND"] == 1 else {}),
+                                floats=_ATTN_FLOATS))
+    return specs
+
+
 # Every kernel family: a function (ops, dtypes, flag_grid) -> specs, and the kernel names it knows.
 FAMILIES: dict[str, tuple[Callable[..., list[Spec]], tuple[str, ...]]] = {
     "rnn_cell": (cell_specs, CELL_KERNELS),
+    "rnn_seq": (seq_specs, SEQ_KERNELS),
+    "attention": (attention_specs, ATTN_KERNELS),
 }
 
 
@@ -576,7 +708,8 @@ def markdown(info: dict, rows: list[dict], ext: dict) -> str:
 def add_arguments(parser) -> None:
     parser.add_argument("--archs", default="80,90", help="compute capabilities, comma-separated (default 80,90)")
     parser.add_argument("--ops", nargs="+", default=None, metavar="KERNEL",
-                        help="kernels (default: every one); a family name (rnn_cell) selects all of its kernels")
+                        help=f"kernels (default: every one); a family name ({', '.join(FAMILIES)}) selects all of "
+                             "its kernels")
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
     parser.add_argument("--flags", choices=FLAG_GRIDS, default="pairwise",
                         help="constexpr flag values: a pairwise covering set (default), every combination, or "
@@ -653,5 +786,5 @@ def main(argv: list[str] | None = None, extra_specs: list[Spec] | None = None) -
     return run(parser.parse_args(sys.argv[1:] if argv is None else argv), extra_specs)
 
 
-__all__ = ["ARCHS", "Arch", "Spec", "cell_specs", "compile_spec", "compile_all", "occupancy", "parse_ptxas",
-           "parse_sass", "parse_resource_usage", "extension_report", "run", "main"]
+__all__ = ["ARCHS", "Arch", "Spec", "cell_specs", "seq_specs", "compile_spec", "compile_all", "occupancy",
+           "parse_ptxas", "parse_sass", "parse_resource_usage", "extension_report", "run", "main"]

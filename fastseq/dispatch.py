@@ -122,7 +122,7 @@ def backends() -> dict[str, dict[str, object]]:
 
 
 # Operators each kernel backend implements. The extension reports its own; Triton's are listed here.
-TRITON_OPS = frozenset({"lstm_cell", "gru_cell", "rnn_cell", "lstm_layer", "gru_layer", "rnn_layer"})
+TRITON_OPS = frozenset({"lstm_cell", "gru_cell", "rnn_cell", "lstm_layer", "gru_layer", "rnn_layer", "sdpa"})
 
 
 def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
