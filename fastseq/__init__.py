@@ -31,9 +31,11 @@ _bind_source_kernels()
 
 from fastseq.dispatch import BACKENDS, BackendUnavailableError, backends  # noqa: E402
 from fastseq import ops  # noqa: E402,F401  (registers torch.ops.fastseq.*)
-from fastseq.nn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell  # noqa: E402
+from fastseq.nn import GRU, LSTM, RNN, GRUCell, LSTMCell, MultiheadAttention, RNNCell  # noqa: E402
 from fastseq.functional import scaled_dot_product_attention  # noqa: E402
 from fastseq.patch import patch, unpatch  # noqa: E402
+from fastseq.override import sdpa_override  # noqa: E402
+from fastseq.hf import register_hf_attention  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -44,10 +46,13 @@ __all__ = [
     "GRUCell",
     "LSTM",
     "LSTMCell",
+    "MultiheadAttention",
     "RNN",
     "RNNCell",
     "backends",
     "patch",
+    "register_hf_attention",
     "scaled_dot_product_attention",
+    "sdpa_override",
     "unpatch",
 ]
