@@ -21,6 +21,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -55,6 +56,19 @@ def _extension():
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     # No -std flag: torch's BuildExtension passes the standard the installed torch needs (C++20 from 2.14).
     cxx_flags = ["-O3"]
+    if os.name != "nt":
+        # As torch's own build: no errno from math functions and no trapping floating-point exceptions, so that
+        # branch-free selects stay selects and the C++ kernels' per-unit loops vectorise (IEEE results unchanged).
+        # No debug info: a fifth of the compile time and 1 MB instead of 19 MB.
+        cxx_flags += ["-fno-math-errno", "-fno-trapping-math", "-g0"]
+    link_flags = []
+    if _gcc_with_openmp(cxx):
+        # at::parallel_for is inline OpenMP in torch's Linux builds: without -fopenmp the C++ kernels' pointwise
+        # loops run on one thread. GCC's libgomp is the runtime torch itself loads (same soname).
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    else:
+        _note("not GCC on Linux: the C++ kernels' pointwise loops run single-threaded (their GEMMs still thread)")
     use_cuda = bool(cuda_sources) and not _flag("FASTSEQ_NO_CUDA") and cpp_extension.CUDA_HOME is not None
     if cuda_sources and not use_cuda:
         _note("CUDA sources skipped (FASTSEQ_NO_CUDA set or no CUDA toolkit found)")
@@ -63,12 +77,27 @@ def _extension():
         ext = cpp_extension.CUDAExtension(
             "fastseq._C", sources + cuda_sources,
             extra_compile_args={"cxx": cxx_flags + ["-DFASTSEQ_WITH_CUDA"],
-                                "nvcc": ["-O3", "-DFASTSEQ_WITH_CUDA", "-lineinfo"]})
+                                "nvcc": ["-O3", "-DFASTSEQ_WITH_CUDA", "-lineinfo"]},
+            extra_link_args=link_flags)
     else:
-        ext = cpp_extension.CppExtension("fastseq._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = cpp_extension.CppExtension("fastseq._C", sources, extra_compile_args={"cxx": cxx_flags},
+                                         extra_link_args=link_flags)
     _note(f"building fastseq._C against torch {torch.__version__} ({'C++ and CUDA' if use_cuda else 'C++'})")
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
     return [ext], {"build_ext": _optional(build_ext)}
+
+
+def _gcc_with_openmp(cxx: str) -> bool:
+    """Whether ``cxx`` is GCC on Linux, whose ``-fopenmp`` uses libgomp, the OpenMP runtime torch's Linux wheels
+    load (clang's would be a second runtime in the process)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        macros = subprocess.run([cxx, "-dM", "-E", "-x", "c++", os.devnull], capture_output=True, text=True,
+                                timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "__GNUC__" in macros and "__clang__" not in macros
 
 
 def _optional(build_ext):

@@ -1,22 +1,41 @@
-// fastseq._C: the compiled extension. Operators register their schemas under TORCH_LIBRARY(fastseq, ...)
-// with CPU kernels in csrc/cpu/ and CUDA kernels in csrc/cuda/ (TORCH_LIBRARY_IMPL per device); this file
-// is the Python module that tells fastseq.dispatch which kernels were compiled in.
+// fastseq._C: the compiled extension, and the Python module that tells fastseq.dispatch which kernels were
+// compiled in. The kernels are torch operators: the C++ CPU kernels are torch.ops.fastseq_cpp.* (schemas in
+// csrc/cpu/library.cpp, CPU implementations beside them in csrc/cpu/, registered when this library loads),
+// which fastseq/cpp_kernels.py wraps as the "cpp" backend's launchers. CUDA kernels (csrc/cuda/) are to come:
+// `kernels("cuda")` is empty, so the "cuda" backend reports itself unavailable with that reason.
 //
-// For now the extension carries no kernels: `kernels("cpu")` and `kernels("cuda")` are empty, so the "cpp"
-// and "cuda" backends report themselves unavailable with that reason. Each kernel added later appends its
-// operator name to the list of its device.
+// `kernels(device)` is read from the dispatcher, not written by hand: an operator family ("lstm_cell", …) is
+// listed for "cpu" only when both its forward and backward operators have a CPU kernel registered.
 
 #include <torch/extension.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <string>
 #include <vector>
 
 namespace fastseq {
 
+namespace {
+
+bool has_cpu_kernel(const std::string& name) {
+  const auto op = c10::Dispatcher::singleton().findOp(c10::OperatorName(name, ""));
+  return op.has_value() && op->hasKernelForDispatchKey(c10::DispatchKey::CPU);
+}
+
+}  // namespace
+
 std::vector<std::string> kernels(const std::string& device_type) {
   TORCH_CHECK(device_type == "cpu" || device_type == "cuda",
               "kernels(device_type): device_type must be 'cpu' or 'cuda', got '", device_type, "'");
-  return {};
+  std::vector<std::string> names;
+  if (device_type == "cpu") {
+    for (const char* family : {"lstm_cell", "gru_cell", "rnn_cell", "lstm_layer", "gru_layer", "rnn_layer"}) {
+      const std::string op = std::string("fastseq_cpp::") + family;
+      if (has_cpu_kernel(op + "_fwd") && has_cpu_kernel(op + "_bwd")) names.emplace_back(family);
+    }
+  }
+  return names;
 }
 
 bool built_with_cuda() {

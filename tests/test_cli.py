@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+import fastseq
 from fastseq import cli
 from fastseq.kernels import rnn_cell
 
@@ -25,7 +26,10 @@ def test_check_runs_end_to_end(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["op"] for r in rows} == {"gru_cell", "rnn_cell_relu"}
     assert {r["dtype"] for r in rows} == {"float32", "float16"}
-    assert all(r["verdict"] == "ok" and r["backend"] == "triton" for r in rows)
+    assert all(r["verdict"] == "ok" for r in rows)
+    # every kernel backend available here is checked (the interpreted Triton one always, "cpp" where built)
+    available = {b for b in fastseq.dispatch.KERNEL_BACKENDS if fastseq.backends()[b]["available"]}
+    assert {r["backend"] for r in rows} == available and "triton" in available
 
 
 def test_a_wrong_kernel_is_reported_as_wrong(monkeypatch, capsys):

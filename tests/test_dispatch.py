@@ -59,7 +59,10 @@ def test_wrong_device_and_missing_kernel_with_an_available_extension(monkeypatch
     with pytest.raises(fastseq.BackendUnavailableError, match="does not take float64"):
         dispatch.select("gru_cell", torch.device("cpu"), torch.float64, "cpp")
     assert dispatch.select("gru_cell", torch.device("cpu"), torch.float32, "cpp") == "cpp"
-    assert dispatch.select("gru_cell", torch.device("cpu"), torch.float32, "auto") == "cpp"
+    # "auto" on CPU takes the C++ kernels only where they measured faster than torch (AUTO_CPP_OPS)
+    assert dispatch.select("gru_cell", torch.device("cpu"), torch.float32, "auto") == "torch"
+    monkeypatch.setitem(dispatch.EXTENSION_OPS, "cpu", frozenset({"gru_cell", "gru_layer"}))
+    assert dispatch.select("gru_layer", torch.device("cpu"), torch.float32, "auto") == "cpp"
     assert dispatch.select("gru_cell", torch.device("cuda"), torch.float32, "auto") == "cuda"
 
 

@@ -24,6 +24,10 @@ def _kernels(backend: str):
         from fastseq.kernels import rnn_cell
 
         return rnn_cell
+    if backend == "cpp":
+        from fastseq import cpp_kernels
+
+        return cpp_kernels
     raise RuntimeError(f"fastseq has no {backend!r} kernels for the recurrent cells")
 
 

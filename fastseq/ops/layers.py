@@ -56,6 +56,10 @@ def _kernels(backend: str):
         from fastseq.kernels import rnn_seq
 
         return rnn_seq
+    if backend == "cpp":
+        from fastseq import cpp_kernels
+
+        return cpp_kernels
     raise RuntimeError(f"fastseq has no {backend!r} kernels for the recurrent layers")
 
 
