@@ -17,8 +17,10 @@ if not torch.cuda.is_available():
 import copy  # noqa: E402
 import io  # noqa: E402
 import pickle  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
-import time  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from typing import Optional, Tuple  # noqa: E402
 
 import pytest  # noqa: E402
@@ -542,24 +544,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_ddp(out_dir: str, backend: str) -> None:
+    """Two gloo workers on this machine (run by the test in a fresh interpreter)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), out_dir, backend), nprocs=2, join=True)
+
+
 def test_distributed_data_parallel_gloo(tmp_path):
     """Two processes (gloo, CPU), a model holding a fastseq LSTM and the same model with torch's, same init,
     DistributedDataParallel, two SGD steps on each rank's own data: after training the parameters are equal
     across ranks and equal (to rounding) between fastseq and torch, and training moved them."""
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     if torch.cuda.is_available():
         pytest.skip("the CPU (gloo) variant runs where there is no GPU")
-    ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), "triton"), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("DDP workers did not finish in 120 s")
+    # In a fresh interpreter with a minimal environment: the workers must not inherit whatever the tests that ran
+    # before in this pytest process left behind (in a full CI run they once hung at the rendezvous).
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            f"import test_layers_compat as t; t._run_ddp({str(tmp_path)!r}, 'triton')")
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "TRITON_INTERPRET": "1",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the workers too: they share the session
+        output, _ = proc.communicate()
+        pytest.fail("DDP workers did not finish in 240 s:\n" + output[-3000:])
+    assert proc.returncode == 0, output[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["fastseq_type"] == "LSTM/fastseq.nn.layers"
     for key in r0["torch"]:
