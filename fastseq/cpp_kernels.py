@@ -19,23 +19,15 @@ from __future__ import annotations
 import torch
 
 import fastseq._C  # noqa: F401  (loading the extension registers torch.ops.fastseq_cpp)
+from fastseq.ops import cells as _cell_ops
+from fastseq.ops import layers as _layer_ops
 
 _ops = torch.ops.fastseq_cpp
 
-NUM_GATES = {"lstm": 4, "gru": 3, "rnn": 1}
-_CELL_WORKSPACE_GATES = {"lstm": 5, "gru": 4, "rnn": 1}
-
-
-def workspace_layout(kind: str, H: int, P: int = 0) -> dict:
-    """Columns of one float32 layer workspace row (per direction and row): as ``kernels.rnn_seq.workspace_layout``
-    (LSTM ``[a_i, a_f, a_g, a_o, c', c, m (only when P > 0), h]``, GRU ``[a_r, a_z, a_n, hn, h]``, RNN ``[a, h]``)."""
-    if kind == "lstm":
-        hout = P or H
-        width = 6 * H + (H if P else 0) + hout
-        return {"width": width, "h_prev": width - hout, "m": 6 * H if P else None}
-    if kind == "gru":
-        return {"width": 5 * H, "h_prev": 4 * H, "m": None}
-    return {"width": 2 * H, "h_prev": H, "m": None}
+# The operators' own tables: the C++ kernels write exactly the workspaces the operators read.
+NUM_GATES = _layer_ops._GATES
+_CELL_WORKSPACE_GATES = _cell_ops._WORKSPACE_GATES
+workspace_layout = _layer_ops.workspace_layout
 
 
 # ---------------------------------------------------------------------------------------------------------
