@@ -120,7 +120,8 @@ def _optional(build_ext):
 ext_modules, cmdclass = _extension()
 
 setup(
-    packages=["fastseq", "fastseq.ops", "fastseq.nn", "fastseq.kernels"],
+    packages=["fastseq", "fastseq.ops", "fastseq.nn", "fastseq.bench", "fastseq.kernels"],
+    package_data={"fastseq": ["crossovers.json"]},
     package_dir={"fastseq": "fastseq", "fastseq.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -2,12 +2,15 @@
 
 Backends (SPEC.md): ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpp"``, ``"torch"``. An explicit backend never falls
 back: where it cannot run a call, :func:`select` raises :class:`BackendUnavailableError` saying why. ``"auto"``
-picks the fastest fastseq backend that can run the call and falls back to ``"torch"`` where none can.
+picks the implementation measured fastest for the call's sizes (``crossovers.json``, from the benchmark suite) among
+those that can run it, torch's own included.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import math
 import os
 
 import torch
@@ -15,7 +18,6 @@ import torch
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
 # The backends that run fastseq's own kernels (the others choose one, or run torch's).
 KERNEL_BACKENDS = ("triton", "cuda", "cpp")
-
 
 
 def _triton_interprets() -> bool:
@@ -153,48 +155,144 @@ def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype) ->
     return None
 
 
-# Preference of "auto" per device type. The interpreter is a test tool, never a fast path, so "auto" on CPU does
-# not pick Triton. The order on CUDA is provisional until the benchmark suite records crossovers.
-_AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
+# ---------------------------------------------------------------------------------------------------------
+# "auto": the crossovers measured by the benchmark suite
+# ---------------------------------------------------------------------------------------------------------
 
-# Sizes beyond which "auto" does not pick a kernel backend for an operator, predicted from the floor model
-# (benchmarks/NOTES.md), not yet measured: the Triton layer kernel runs one program per block of batch rows
-# and direction, which re-reads all of W_hh from L2 every time step. At H ≤ 128 that is ≤ 128 KiB (float32
-# LSTM) per step and the recurrence is latency-bound, where one launch per layer beats cuDNN's per-step
-# launches; at H = 1024 it is 8-16 MiB per step through one SM's share of L2 bandwidth (tens of µs), slower
-# than cuDNN. Until the benchmark measures the crossover, "auto" gives larger layers to torch.
-AUTO_MAX_HIDDEN = {
-    ("triton", "lstm_layer"): 128,
-    ("triton", "gru_layer"): 128,
-    ("triton", "rnn_layer"): 128,
-}
+# What "auto" knows about speed: ``fastseq/crossovers.json``, written by ``python -m fastseq bench
+# --record-crossovers`` from its measurements (each point: an operator, device type, dtype, mode and sizes, with
+# the median time of every implementation whose numbers passed the error check there), plus, where nothing was
+# measured yet, *predicted* rules from the floor models in benchmarks/NOTES*.md, each with its reason.
+CROSSOVERS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crossovers.json")
+
+# The sizes a call can be described by (keywords of :func:`select`), in the order a table key lists them.
+SIZE_KEYS = ("batch", "hidden", "steps", "q_len", "kv_len", "head_dim")
 
 
-# Operators for which "auto" on CPU takes the C++ kernels: where they measured faster than torch's own
-# (benchmarks/bench_cpu.py on a 2-core AVX-512 CI-class machine, float32, T = 64: GRU and Elman layers 1.3-10x
-# faster; the LSTM layer 0.5-0.8x against oneDNN's fused LSTM, the cells 0.4-1.2x, so those stay with torch).
-AUTO_CPP_OPS = frozenset({"gru_layer", "rnn_layer"})
+class Crossovers:
+    """The table "auto" reads: measured points, searched by nearest sizes, and predicted fallback rules.
+
+    ``points[(op, device_type, dtype, mode)]`` holds ``(log_sizes, times)`` pairs: ``log_sizes`` maps a size
+    name to its natural logarithm, ``times`` maps each implementation (a kernel backend or ``"torch"``) that ran
+    correctly there to its median time. For a call, the point nearest in log-sizes (over the size names both
+    give) decides: the fastest implementation of that point that can run the call here. ``rules[(op,
+    device_type)]`` lists predicted ``(backend, dtypes or None, max_sizes)`` for operators nothing was measured
+    for; the first whose backend can run the call and whose limits hold wins."""
+
+    def __init__(self, table: dict):
+        self.source = table
+        self.points: dict[tuple, list] = {}
+        for p in table.get("measured", []):
+            key = (p["op"], p["device"], p["dtype"], p["mode"])
+            log_sizes = {k: math.log(max(int(v), 1)) for k, v in p["sizes"].items()}
+            self.points.setdefault(key, []).append((log_sizes, dict(p["times_us"])))
+        self.rules: dict[tuple, list] = {}
+        for r in table.get("predicted", []):
+            dtypes = None if r.get("dtypes") is None else frozenset(r["dtypes"])
+            self.rules.setdefault((r["op"], r["device"]), []).append((r["backend"], dtypes, dict(r.get("max", {}))))
+
+    def nearest(self, op: str, device_type: str, dtype: str, mode: str, sizes: dict):
+        """The times of the measured point nearest to ``sizes`` (``mode``'s points first, else the other mode's),
+        or ``None`` where nothing was measured for the operator, device type and dtype."""
+        for m in (mode, "training" if mode == "inference" else "inference"):
+            candidates = self.points.get((op, device_type, dtype, m))
+            if candidates:
+                logs = {k: math.log(max(v, 1)) for k, v in sizes.items() if v is not None}
+                best, best_d = None, math.inf
+                for point_logs, times in candidates:
+                    d = 0.0
+                    for k, v in logs.items():
+                        if k in point_logs:
+                            d += (point_logs[k] - v) ** 2
+                    if d < best_d:
+                        best, best_d = times, d
+                return best
+        return None
+
+    def predicted(self, op: str, device_type: str, dtype: str, sizes: dict) -> list[str]:
+        """Backends the predicted rules admit for the call, in the rules' order."""
+        out = []
+        for backend, dtypes, limits in self.rules.get((op, device_type), ()):
+            if dtypes is not None and dtype not in dtypes:
+                continue
+            if all(sizes.get(k) is None or sizes[k] <= v for k, v in limits.items()):
+                out.append(backend)
+        return out
 
 
-def _auto_declines(backend: str, op: str, hidden: int | None) -> bool:
-    if backend == "cpp" and op not in AUTO_CPP_OPS:
-        return True
-    limit = AUTO_MAX_HIDDEN.get((backend, op))
-    return limit is not None and hidden is not None and hidden > limit
+def load_crossovers(path: str = CROSSOVERS_PATH) -> Crossovers:
+    """The crossover table at ``path`` (an empty one where the file is absent: "auto" then runs torch)."""
+    try:
+        with open(path) as f:
+            return Crossovers(json.load(f))
+    except FileNotFoundError:
+        return Crossovers({})
 
 
-def select(op: str, device: torch.device, dtype: torch.dtype, requested: str, hidden: int | None = None) -> str:
-    """The backend that runs ``op`` on tensors of ``device``/``dtype`` given the ``requested`` one. ``hidden``
-    (the hidden size, where the operator has one) lets ``"auto"`` leave sizes a kernel is not predicted to win
-    at to torch; an explicit backend runs any size."""
+CROSSOVERS = load_crossovers()
+
+
+def set_crossovers(table: Crossovers) -> Crossovers:
+    """Make ``table`` the one "auto" reads (the benchmark's tests and ``--record-crossovers`` use it); returns
+    the previous one. Forgets the decisions already made."""
+    global CROSSOVERS
+    previous, CROSSOVERS = CROSSOVERS, table
+    _AUTO_CACHE.clear()
+    return previous
+
+
+# Decisions of "auto" already made in this process (eager calls only; under torch.compile the decision is traced
+# once per compiled graph anyway): a decoder loop asks the same question every step.
+_AUTO_CACHE: dict[tuple, str] = {}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _auto(op: str, device: torch.device, dtype: torch.dtype, sizes: dict, training: bool) -> str:
+    """The fastest implementation the table knows for the call among those that can run it here."""
+    runnable = [b for b in KERNEL_BACKENDS if _why_not(b, op, device, dtype) is None]
+    if not runnable:
+        return "torch"
+    name = _dtype_name(dtype)
+    times = CROSSOVERS.nearest(op, device.type, name, "training" if training else "inference", sizes)
+    if times is not None:
+        best, best_t = "torch", times.get("torch", math.inf)
+        for b in runnable:
+            if times.get(b, math.inf) < best_t:
+                best, best_t = b, times[b]
+        return best
+    for b in CROSSOVERS.predicted(op, device.type, name, sizes):
+        if b in runnable:
+            return b
+    return "torch"
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype, requested: str, hidden: int | None = None, *,
+           batch: int | None = None, steps: int | None = None, q_len: int | None = None,
+           kv_len: int | None = None, head_dim: int | None = None, training: bool = False) -> str:
+    """The backend that runs ``op`` on tensors of ``device``/``dtype`` given the ``requested`` one.
+
+    An explicit backend runs the call or raises :class:`BackendUnavailableError` saying why (any size). ``"auto"``
+    picks what the crossover table (:data:`CROSSOVERS`) measured fastest for the nearest sizes (``hidden``,
+    ``batch``, ``steps`` of the recurrences; ``q_len``, ``kv_len``, ``head_dim`` of attention; ``training``:
+    whether a gradient will be asked for) among the backends that can run the call, ``"torch"`` included."""
     check_backend_name(requested)
     if requested == "torch":
         return "torch"
     if requested == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ()):
-            if _why_not(candidate, op, device, dtype) is None and not _auto_declines(candidate, op, hidden):
-                return candidate
-        return "torch"
+        sizes = {"batch": batch, "hidden": hidden, "steps": steps, "q_len": q_len, "kv_len": kv_len,
+                 "head_dim": head_dim}
+        if torch.compiler.is_compiling():
+            return _auto(op, device, dtype, sizes, training)
+        key = (op, device.type, dtype, batch, hidden, steps, q_len, kv_len, head_dim, training)
+        chosen = _AUTO_CACHE.get(key)
+        if chosen is None:
+            if len(_AUTO_CACHE) > 4096:  # many distinct sizes (variable lengths): start over rather than grow
+                _AUTO_CACHE.clear()
+            chosen = _AUTO_CACHE[key] = _auto(op, device, dtype, sizes, training)
+        return chosen
     reason = _why_not(requested, op, device, dtype)
     if reason is not None:
         raise BackendUnavailableError(f"backend={requested!r} cannot run {op}: {reason}")

@@ -187,8 +187,9 @@ def _kernel_limits(plan: _Plan) -> Optional[str]:
     return None
 
 
-def _choose(backend: str, device: torch.device, dtype: torch.dtype, plan: _Plan) -> str:
-    chosen = _dispatch.select("sdpa", device, dtype, backend)
+def _choose(backend: str, device: torch.device, dtype: torch.dtype, plan: _Plan, training: bool) -> str:
+    chosen = _dispatch.select("sdpa", device, dtype, backend, q_len=plan.L, kv_len=plan.S,
+                              head_dim=max(plan.E, plan.Ev), training=training)
     if chosen == "torch":
         return chosen
     reason = _kernel_limits(plan)
@@ -244,7 +245,8 @@ def _attention(query, key, value, attn_mask, dropout_p, is_causal, diagonal, sca
     device = query.device
     q, k, v, m = _autocast([query, key, value, attn_mask], device.type)
     plan = _validate(q, k, v, m, float(dropout_p), is_causal and not from_bias, enable_gqa)
-    chosen = _choose(backend, device, q.dtype, plan)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, m))
+    chosen = _choose(backend, device, q.dtype, plan, training)
     if chosen == "torch":
         if from_bias:  # what CausalBias makes of itself for torch, without its __torch_function__ (which
             # recognises only torch's function object, which sdpa_override may have replaced)

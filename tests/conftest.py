@@ -33,6 +33,15 @@ def seed_per_test(request):
 
 
 @pytest.fixture(autouse=True)
+def fresh_auto_decisions():
+    """"auto" remembers its decisions per process; a test that changes what is available must not see (or
+    leave) decisions made under other conditions."""
+    fastseq.dispatch._AUTO_CACHE.clear()
+    yield
+    fastseq.dispatch._AUTO_CACHE.clear()
+
+
+@pytest.fixture(autouse=True)
 def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", _poisoned_empty)
 

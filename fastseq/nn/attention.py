@@ -57,13 +57,20 @@ class MultiheadAttention(FastModule, nn.MultiheadAttention):
 
     # -- dispatch ---------------------------------------------------------------------------------------
 
-    def _resolve(self, query: Tensor) -> str:
+    def _resolve(self, query: Tensor, key: Tensor) -> str:
         device = query.device
         dtype = query.dtype
         if torch.is_autocast_enabled(device.type) and dtype != torch.float64:
             dtype = torch.get_autocast_dtype(device.type)
         backend = self._backend()
-        chosen = _dispatch.select("sdpa", device, dtype, backend)
+        # sequence lengths for "auto": dimension 0 of a sequence-first (or unbatched) input, else 1
+        seq_dim = 1 if self.batch_first and query.dim() == 3 else 0
+        training = torch.is_grad_enabled() and (query.requires_grad or any(p.requires_grad
+                                                                           for p in self.parameters()))
+        shaped = query.dim() in (2, 3) and key.dim() == query.dim()  # else the checks below raise
+        chosen = _dispatch.select("sdpa", device, dtype, backend, q_len=query.size(seq_dim) if shaped else None,
+                                  kv_len=key.size(seq_dim) if shaped else None, head_dim=self.head_dim,
+                                  training=training)
         if chosen != "torch" and backend == "auto" and self.head_dim > _functional.MAX_HEAD_SIZE:
             return "torch"
         return chosen
@@ -81,7 +88,7 @@ class MultiheadAttention(FastModule, nn.MultiheadAttention):
         tensors = (query, key, value, self.in_proj_weight, self.in_proj_bias, self.bias_k, self.bias_v,
                    self.out_proj.weight, self.out_proj.bias, key_padding_mask, attn_mask)
         if (query.is_nested or key.is_nested or value.is_nested or has_torch_function(tensors)
-                or self._resolve(query) == "torch"):
+                or self._resolve(query, key) == "torch"):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)

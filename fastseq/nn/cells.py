@@ -70,7 +70,13 @@ class _FastCell(FastModule):
         cast = self._autocast_dtype(input.device)
         self._check_dtype_device({"input": input, **states}, check_dtype=cast is None)
         dtype = input.dtype if cast is None else cast
-        return _dispatch.select(self._op, input.device, dtype, self._backend()), dtype
+        training = torch.is_grad_enabled() and (
+            input.requires_grad or any(s is not None and s.requires_grad for s in states.values())
+            or any(p is not None and p.requires_grad for p in (self.weight_ih, self.weight_hh, self.bias_ih,
+                                                                self.bias_hh)))
+        batch = input.size(0) if input.dim() == 2 else 1
+        return _dispatch.select(self._op, input.device, dtype, self._backend(), hidden=self.hidden_size,
+                                batch=batch, training=training), dtype
 
     def _kernel_args(self, input: Tensor, states: tuple[Optional[Tensor], ...], dtype: torch.dtype):
         """Batched ``(input, *states)`` and ``(W_ih, W_hh, b_ih, b_hh)`` in ``dtype``, plus whether the

@@ -43,8 +43,10 @@ class _FastRNNBase(FastModule):
     def forward(self, input, hx=None):
         self._update_flat_weights()
         call = self._parse(input, hx)
+        batch, steps = self._batch_and_steps(call)
         backend = _dispatch.select(self._op, call["data"].device, call["dtype"], self._backend(),
-                                   hidden=self.hidden_size)
+                                   hidden=self.hidden_size, batch=batch, steps=steps,
+                                   training=self._needs_grad(call))
         if backend == "torch":
             return super().forward(input, hx)
         out, states = self._run_layers(call, backend)
@@ -85,6 +87,20 @@ class _FastRNNBase(FastModule):
         cast = self._autocast_dtype(data.device)
         return {"input": input, "data": data, "batch_sizes": batch_sizes, "unsorted_indices": unsorted_indices,
                 "batched": batched, "states": states, "dtype": data.dtype if cast is None else cast}
+
+    def _batch_and_steps(self, call: dict) -> tuple[int, int]:
+        """The batch size and the number of time steps of a parsed call (what "auto" chooses by)."""
+        data, batch_sizes = call["data"], call["batch_sizes"]
+        if batch_sizes is not None:
+            return (int(batch_sizes[0]) if len(batch_sizes) else 0), len(batch_sizes)
+        batch_dim, time_dim = (0, 1) if self.batch_first else (1, 0)
+        return data.size(batch_dim), data.size(time_dim)
+
+    def _needs_grad(self, call: dict) -> bool:
+        """Whether autograd records this call (then the kernels keep what backward needs)."""
+        return torch.is_grad_enabled() and (
+            call["data"].requires_grad or any(s.requires_grad for s in call["states"])
+            or any(p is not None and p.requires_grad for p in self._flat_weights))
 
     def _check_tensor(self, t: object, label: str) -> None:
         if not isinstance(t, Tensor):
@@ -177,9 +193,7 @@ class _FastRNNBase(FastModule):
             x = x.transpose(0, 1)
         x = x.to(dtype)
         states = tuple(s.to(dtype) for s in call["states"])
-        save = torch.is_grad_enabled() and (
-            x.requires_grad or any(s.requires_grad for s in states)
-            or any(p is not None and p.requires_grad for p in self._flat_weights))
+        save = self._needs_grad(call)
         finals: list[list[Tensor]] = [[] for _ in states]
         # Everything is already in the call's dtype; torch's autocast must not re-cast the input projection
         # (it would, for a layer autocast leaves in float32, such as GRU on CPU).
