@@ -5,8 +5,8 @@
 On CUDA torch runs once per SDPA backend it has (``torch.nn.attention.sdpa_kernel``: flash, memory-efficient,
 cuDNN, math) and once with its own choice ("default"); a backend that refuses a case is recorded with its
 reason. On CPU torch runs its default dispatch. Implementations alternate within each round (interleaved) and
-the rounds repeat, so drift hits all alike. Timers: ``triton.testing.do_bench`` on CUDA, wall clock on CPU
-(``bench_cells``' timers). Reported per implementation: median and p20/p80 per call, ``torch / fastseq``
+the rounds repeat, so drift hits all alike. Timers: ``fastseq.bench.timing``'s (``triton.testing.do_bench`` on
+CUDA, ``torch.utils.benchmark`` on CPU). Reported per implementation: median and p20/p80 per call, ``torch / fastseq``
 (> 1: fastseq faster, against torch's default), TFLOP/s (forward ``4·B·H·L·S·E``, halved where causal;
 backward 2.5× the forward), and the relative error against ``fastseq.reference`` in float64 on a subsample
 (first batch element, up to two heads, up to 128 query rows; gradients only where the case is small), with
@@ -38,7 +38,39 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_cells import CpuTimer, CudaTimer, _git_rev, _short_error, numerics_ok, quantile  # noqa: E402
+from fastseq.bench import _git as _git_rev  # noqa: E402
+from fastseq.bench.runner import _short as _short_error  # noqa: E402
+from fastseq.bench.timing import CpuTimer as _CpuTimer, CudaTimer as _CudaTimer, quantile  # noqa: E402,F401
+
+
+class CudaTimer:
+    """``fastseq.bench``'s CUDA timer, in this script's units (ms per sample)."""
+
+    def __init__(self, rep_ms: float, warmup_ms: float):
+        self._timer = _CudaTimer(rep_ms / 1e3, warmup_ms / 1e3)
+        self.name = self._timer.name
+
+    def __call__(self, fn) -> list[float]:
+        return [s * 1e3 for s in self._timer(fn)]
+
+
+class CpuTimer(CudaTimer):
+    """``fastseq.bench``'s CPU timer (``torch.utils.benchmark``), in ms per sample."""
+
+    def __init__(self, rep_ms: float, min_samples: int = 1):
+        self._timer = _CpuTimer(rep_ms / 1e3)
+        self.name = self._timer.name
+
+
+def numerics_ok(fs: float, th: float, dtype: str) -> bool:
+    """SPEC.md's rule, as ``python -m fastseq bench`` applies it."""
+    import math
+
+    import torch
+
+    from fastseq.check import tolerance
+
+    return math.isnan(th) if math.isnan(fs) else fs <= tolerance(th, getattr(torch, dtype))
 
 # H100 SXM spec sheet (not measured): dense bf16/fp16 tensor-core and fp32 (non-tensor) peaks, HBM3 bandwidth
 PEAK_TFLOPS = {"bfloat16": 990.0, "float16": 990.0, "float32": 67.0}

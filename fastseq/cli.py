@@ -3,6 +3,11 @@
 ``check``: every available fastseq kernel against the float64 reference on random inputs, next to torch's own
 error in the same dtype; prints a table and exits non-zero when any case fails.
 
+``bench``: every available fastseq backend against torch on the same tensors, interleaved: medians with p20/p80,
+ratios, errors against the float64 reference, the floor; a markdown table, JSON and plots (``fastseq/bench``);
+``--record-crossovers`` writes what ``backend="auto"`` decides by. Exits non-zero when a fastseq kernel crashed or
+broke the error rule.
+
 ``aot``: every Triton kernel compiled ahead of time for the GPU archs (default sm_80 and sm_90), without a GPU:
 registers, spills, shared memory, tensor-core and local-memory instructions and occupancy per kernel and
 specialisation (``fastseq/aot.py``); exits non-zero, naming them, where one fails to compile or breaks a limit.
@@ -46,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--no-interpret", action="store_true",
                        help="on a machine without a GPU, do not re-run under TRITON_INTERPRET=1")
     check.add_argument("--seed", type=int, default=0)
+    bench = sub.add_parser("bench", help="every available backend against torch: times, errors, floors",
+                           formatter_class=argparse.RawTextHelpFormatter)
+    from fastseq import bench as bench_module
+
+    bench_module.add_arguments(bench)
     aot = sub.add_parser("aot", help="every Triton kernel compiled for the GPU archs without a GPU: a resource "
                                      "report")
     from fastseq import aot as aot_module
@@ -137,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         if device_is_cpu and not dispatch.TRITON_INTERPRET and not args.no_interpret:
             _reexec_with_interpreter(argv)
         return run_check(args)
+    if args.command == "bench":
+        from fastseq import bench
+
+        return bench.run(args)
     if args.command == "aot":
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
             _reexec_without_interpreter(argv)
