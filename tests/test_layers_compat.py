@@ -28,6 +28,7 @@ from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence  # noqa: E402
 
 import fastseq  # noqa: E402
+from fastseq.nn._base import AUTOCAST_OPS  # noqa: E402
 
 LAYERS = {
     "lstm": (fastseq.LSTM, nn.LSTM, {}),
@@ -370,8 +371,22 @@ def test_autocast_gives_torch_dtypes(kind, device, kernel_backend):
     ours, theirs = pair(kind, 4, 6, num_layers=2, bidirectional=True, backend=kernel_backend, device=device)
     x = torch.randn(3, 2, 4, device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        got, want = ours(x), theirs(x)
-    assert [t.dtype for t in flat(got)] == [t.dtype for t in flat(want)]
+        got = ours(x)
+        try:
+            want = theirs(x)
+            want_dtypes = [t.dtype for t in flat(want)]
+        except RuntimeError as e:
+            # oneDNN has no bfloat16 LSTM on CPUs without AVX-512 (torch raises "could not create a primitive
+            # descriptor"): torch's dtypes then follow from its autocast lists, the shapes from float32
+            if "primitive descriptor" not in str(e):
+                raise
+            want = None
+    if want is None:
+        with torch.no_grad():
+            want = theirs(x)
+        cast = ours._op in AUTOCAST_OPS[device.type]
+        want_dtypes = [torch.bfloat16 if cast else t.dtype for t in flat(want)]
+    assert [t.dtype for t in flat(got)] == want_dtypes
     assert [t.shape for t in flat(got)] == [t.shape for t in flat(want)]
     assert all(torch.isfinite(t).all() for t in flat(got))
     if device.type == "cuda":
