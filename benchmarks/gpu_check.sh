@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh                 # from the repository root; writes under $OUT (default ./out)
 #
-# Steps (each logged to $OUT/<step>.log; a failing step does not stop the others):
+# Steps (each logged to $OUT/logs/<step>.log; a failing step does not stop the others):
 #   versions   python/torch/triton/CUDA versions, nvcc, nvidia-smi, git state          -> versions.log
 #   install    pip install --no-build-isolation --no-deps --no-index . (builds fastseq._C
 #              where setup.py can; nothing is downloaded)                               -> install.log
@@ -11,10 +11,14 @@
 #   tests      python -m pytest tests -m cuda (junit: pytest_cuda.xml; "no tests ran" is
 #              not a failure)                                                           -> tests.log
 #   check      python -m fastseq check                                                  -> check.txt
-#   bench      benchmarks/bench_cells.py over the full grid (half the time left)        -> bench_cells/
-#   layers     benchmarks/bench_layers.py: LSTM/GRU layers, 2 layers, bidirectional,
-#              padded and packed, bf16/fp32, B 1/32, H 128/512, T 256 (the rest)        -> bench_layers/
-# Then $OUT/summary.txt lists every step's status; the exit status is non-zero if any step failed.
+#   bench      python -m fastseq bench --preset gpu (cells eager and CUDA graph, layers
+#              padded and packed, attention), with what time is left                   -> $OUT/bench/
+# Then $OUT/summary.txt lists every step's status; the exit status is non-zero if any step failed. At the end
+# the logs are packed into $OUT/logs.tar.gz (the device tool brings back at most 8 files), so $OUT holds:
+# summary.txt, logs.tar.gz, bench/results.json, bench/results.md, bench/speedup.png. Back on the development
+# machine: commit bench/ under benchmarks/results/, then
+#   python -m fastseq bench --from-results benchmarks/results/<run>/results.json --record-crossovers
+# records the measured crossovers that backend="auto" follows.
 #
 # After a successful install the Python steps run from a scratch directory, so that `import fastseq` is the
 # installed package (with its compiled extension), not the checkout's fastseq/ folder, which shadows it when
@@ -29,7 +33,7 @@
 #   GPU_CHECK_TIME_LIMIT   seconds for the whole run (default 570); each step gets what is left, capped
 #                          (versions 60, install 300, import 120, tests 180, check 90, bench: the rest)
 #   GPU_CHECK_TESTS_TIMEOUT  cap of the tests step in seconds (default 180)
-#   GPU_CHECK_BENCH_ARGS   extra arguments for bench_cells.py (appended, so they override the defaults)
+#   GPU_CHECK_BENCH_ARGS   extra arguments for python -m fastseq bench (appended, so they override the defaults)
 #   MAX_JOBS, TORCH_CUDA_ARCH_LIST   for the extension build (defaults: nproc; the GPU's own arch)
 
 set -u
@@ -37,8 +41,9 @@ set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO" || exit 2
 OUT="${OUT:-./out}"
-mkdir -p "$OUT"
+mkdir -p "$OUT/logs"
 OUT="$(cd "$OUT" && pwd)"
+LOGS="$OUT/logs"
 SMOKE="${GPU_CHECK_SMOKE:-0}"
 [ "$SMOKE" = "0" ] && DEFAULT_INSTALL=1 || DEFAULT_INSTALL=0
 INSTALL="${GPU_CHECK_INSTALL:-$DEFAULT_INSTALL}"
@@ -47,7 +52,7 @@ if [ -z "${PYTHON:-}" ]; then
     if command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
 fi
 START=$(date +%s)
-LOG="$OUT/gpu_check.log"
+LOG="$LOGS/gpu_check.log"
 SUMMARY="$OUT/summary.txt"
 : >"$LOG"
 STATUS_LINES=()
@@ -140,7 +145,7 @@ EOF
 }
 export -f versions
 export PYTHON SMOKE REPO
-run_step versions 60 "$OUT/versions.log" bash -c versions
+run_step versions 60 "$LOGS/versions.log" bash -c versions
 if [ "$RC" = 0 ]; then record versions PASS "$RC" "$SECS" "versions.log"
 else record versions FAIL "$RC" "$SECS" "$(timeout_note $RC)versions.log (nvidia-smi or python failed)"; fi
 
@@ -156,18 +161,18 @@ if [ "$INSTALL" != "0" ]; then
     fi
     say "install: MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-<setup.py default>}"
     PIP_ARGS=(-m pip install --no-build-isolation --no-deps --no-index -v "$REPO")
-    run_step install 300 "$OUT/install.log" "$PYTHON" "${PIP_ARGS[@]}"
+    run_step install 300 "$LOGS/install.log" "$PYTHON" "${PIP_ARGS[@]}"
     NOTE="install.log"
-    if [ "$RC" != 0 ] && grep -q "externally-managed-environment" "$OUT/install.log"; then
+    if [ "$RC" != 0 ] && grep -q "externally-managed-environment" "$LOGS/install.log"; then
         # A distribution's Python (PEP 668) refuses; this machine is throwaway, so install anyway.
         say "install: externally managed Python; retrying with --break-system-packages"
-        cp "$OUT/install.log" "$OUT/install_first_try.log"
-        run_step install 300 "$OUT/install.log" "$PYTHON" "${PIP_ARGS[@]}" --break-system-packages
+        cp "$LOGS/install.log" "$LOGS/install_first_try.log"
+        run_step install 300 "$LOGS/install.log" "$PYTHON" "${PIP_ARGS[@]}" --break-system-packages
         NOTE="install.log (with --break-system-packages)"
     fi
     if [ "$RC" = 0 ]; then
         USE_INSTALLED=1
-        grep -E "fastseq setup:" "$OUT/install.log" | sed 's/^ *//' | sort -u | sed 's/^/    /' | tee -a "$LOG"
+        grep -E "fastseq setup:" "$LOGS/install.log" | sed 's/^ *//' | sort -u | sed 's/^/    /' | tee -a "$LOG"
         record install PASS "$RC" "$SECS" "$NOTE"
     else
         record install FAIL "$RC" "$SECS" "$(timeout_note $RC)$NOTE; the next steps use the checkout"
@@ -203,9 +208,9 @@ except ImportError as e:
     print("fastseq._C not importable:", e)
 print(json.dumps(fastseq.backends(), indent=1))
 PYEOF
-run_step import 120 "$OUT/import.log" bash -c "cd '$WORK' && '$PYTHON' import_check.py"
+run_step import 120 "$LOGS/import.log" bash -c "cd '$WORK' && '$PYTHON' import_check.py"
 if [ "$RC" = 0 ]; then
-    record import PASS "$RC" "$SECS" "$(grep -m1 '^fastseq ' "$OUT/import.log")"
+    record import PASS "$RC" "$SECS" "$(grep -m1 '^fastseq ' "$LOGS/import.log")"
 else
     record import FAIL "$RC" "$SECS" "$(timeout_note $RC)import.log"
 fi
@@ -214,9 +219,9 @@ fi
 # tests
 # ---------------------------------------------------------------------------------------------------------
 if "$PYTHON" -c "import pytest" >/dev/null 2>&1; then
-    run_step tests "${GPU_CHECK_TESTS_TIMEOUT:-180}" "$OUT/tests.log" bash -c "cd '$WORK' && '$PYTHON' -m pytest '$REPO/tests' -m cuda -q \
-        -p no:cacheprovider --junitxml='$OUT/pytest_cuda.xml'"
-    TAIL="$(grep -E '(passed|failed|error|skipped|no tests ran)' "$OUT/tests.log" | tail -1)"
+    run_step tests "${GPU_CHECK_TESTS_TIMEOUT:-180}" "$LOGS/tests.log" bash -c "cd '$WORK' && '$PYTHON' -m pytest '$REPO/tests' -m cuda -q \
+        -p no:cacheprovider --junitxml='$LOGS/pytest_cuda.xml'"
+    TAIL="$(grep -E '(passed|failed|error|skipped|no tests ran)' "$LOGS/tests.log" | tail -1)"
     if [ "$RC" = 0 ]; then record tests PASS "$RC" "$SECS" "$TAIL"
     elif [ "$RC" = 5 ]; then record tests PASS "$RC" "$SECS" "no tests ran (exit 5, tolerated): $TAIL"
     else record tests FAIL "$RC" "$SECS" "$(timeout_note $RC)$TAIL"; fi
@@ -227,10 +232,10 @@ fi
 # ---------------------------------------------------------------------------------------------------------
 # check
 # ---------------------------------------------------------------------------------------------------------
-run_step check 90 "$OUT/check.txt" bash -c "cd '$WORK' && '$PYTHON' -m fastseq check"
+run_step check 90 "$LOGS/check.txt" bash -c "cd '$WORK' && '$PYTHON' -m fastseq check"
 if [ "$RC" = 0 ]; then
     record check PASS "$RC" "$SECS" "check.txt"
-elif grep -q "No module named fastseq.__main__\|cannot be directly executed" "$OUT/check.txt"; then
+elif grep -q "No module named fastseq.__main__\|cannot be directly executed" "$LOGS/check.txt"; then
     record check FAIL "$RC" "$SECS" "fastseq has no command line yet (no fastseq/__main__.py)"
 else
     record check FAIL "$RC" "$SECS" "$(timeout_note $RC)check.txt"
@@ -240,38 +245,20 @@ fi
 # bench
 # ---------------------------------------------------------------------------------------------------------
 if [ "$SMOKE" = "0" ]; then
-    BENCH_ARGS=(--device cuda --steps 16 --rep-ms 50 --rounds 2)
+    BENCH_ARGS=(--preset gpu --device cuda)
 else
-    BENCH_ARGS=(--smoke --device cpu)
+    BENCH_ARGS=(--preset tiny --device cpu --min-time 0.005 --rounds 1)
 fi
-# The bench stops starting cases when its budget is spent (skipped cases are listed); keep 20 s for writing.
-# The cells get half of the time left, the layers the rest.
-BENCH_BUDGET=$(( ($(left) - 80) / 2 ))
+# The bench stops starting cases when its budget is spent (skipped cases are listed); keep 40 s for writing.
+BENCH_BUDGET=$(( $(left) - 60 ))
 [ "$BENCH_BUDGET" -lt 10 ] && BENCH_BUDGET=10
 # shellcheck disable=SC2206
 EXTRA=(${GPU_CHECK_BENCH_ARGS:-})
-run_step bench 600 "$OUT/bench_cells.log" bash -c "cd '$WORK' && '$PYTHON' '$REPO/benchmarks/bench_cells.py' \
-    ${BENCH_ARGS[*]} --time-budget $BENCH_BUDGET --out '$OUT/bench_cells' ${EXTRA[*]:-}"
-TAIL="$(tail -1 "$OUT/bench_cells.log")"
+run_step bench 600 "$LOGS/bench.log" bash -c "cd '$WORK' && '$PYTHON' -m fastseq bench ${BENCH_ARGS[*]} \
+    --no-progress --time-budget $BENCH_BUDGET --out '$OUT/bench' ${EXTRA[*]:-}"
+TAIL="$(grep -E '^wrote ' "$LOGS/bench.log" | tail -1)"
 if [ "$RC" = 0 ]; then record bench PASS "$RC" "$SECS" "$TAIL"
-else record bench FAIL "$RC" "$SECS" "$(timeout_note $RC)$TAIL"; fi
-
-# ---------------------------------------------------------------------------------------------------------
-# layers
-# ---------------------------------------------------------------------------------------------------------
-if [ "$SMOKE" = "0" ]; then
-    LAYER_ARGS=(--device cuda --kinds lstm,gru --batch 1,32 --hidden 128,512 --steps 256 --layers 2 --directions 2
-                --dtypes bfloat16,float32 --packed 0,1 --rep-ms 40 --rounds 2)
-else
-    LAYER_ARGS=(--smoke --device cpu)
-fi
-LAYER_BUDGET=$(( $(left) - 40 ))
-[ "$LAYER_BUDGET" -lt 10 ] && LAYER_BUDGET=10
-run_step layers 600 "$OUT/bench_layers.log" bash -c "cd '$WORK' && '$PYTHON' '$REPO/benchmarks/bench_layers.py' \
-    ${LAYER_ARGS[*]} --time-budget $LAYER_BUDGET --out '$OUT/bench_layers'"
-TAIL="$(tail -1 "$OUT/bench_layers.log")"
-if [ "$RC" = 0 ]; then record layers PASS "$RC" "$SECS" "$TAIL"
-else record layers FAIL "$RC" "$SECS" "$(timeout_note $RC)$TAIL"; fi
+else record bench FAIL "$RC" "$SECS" "$(timeout_note $RC)$(tail -1 "$LOGS/bench.log")"; fi
 
 # ---------------------------------------------------------------------------------------------------------
 # summary
@@ -285,7 +272,10 @@ TOTAL=$(( $(date +%s) - START ))
     for line in "${STATUS_LINES[@]}"; do echo "$line"; done
     echo
     if [ "$FAILED" = 0 ]; then echo "OVERALL: PASS"; else echo "OVERALL: FAIL"; fi
-    echo "logs: versions.log install.log import.log tests.log pytest_cuda.xml check.txt bench_cells.log bench_cells/results.{md,json} bench_layers.log bench_layers/results.{md,json}"
+    echo "logs (in logs.tar.gz): versions.log install.log import.log tests.log pytest_cuda.xml check.txt bench.log gpu_check.log"
+    echo "bench: bench/results.md bench/results.json bench/speedup.png"
 } >"$SUMMARY"
 cat "$SUMMARY" | tee -a "$LOG"
+# The device tool brings back at most 8 files from $OUT: the logs travel as one archive.
+tar -C "$OUT" -czf "$OUT/logs.tar.gz" logs && rm -rf "$LOGS"
 exit "$FAILED"

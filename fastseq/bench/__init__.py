@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record-crossovers", nargs="?", const="", default=None, metavar="PATH",
                    help="write the measured crossovers into the table backend='auto' reads (default: the "
                         "package's crossovers.json)")
+    p.add_argument("--from-results", metavar="RESULTS_JSON",
+                   help="measure nothing: print the tables of an earlier run's results.json (e.g. one made on a "
+                        "GPU machine) and, with --record-crossovers, record its crossovers")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plot", action="store_true", help="do not write speedup.png")
@@ -126,15 +129,46 @@ def _missing_requirements(plot: bool) -> list[str]:
     return [n for n in names if importlib.util.find_spec(n) is None]
 
 
+def _record(args, rows: list[dict], device_type: str, machine: str, json_path: str) -> None:
+    from fastseq.bench import crossovers
+
+    path = args.record_crossovers or None
+    source = os.path.relpath(os.path.abspath(json_path), REPO)
+    source = source if not source.startswith("..") else os.path.abspath(json_path)
+    new = crossovers.points(rows, device_type, machine, source)
+    table = crossovers.record(new, *(() if path is None else (path,)))
+    print(f"recorded {len(new)} crossover points ({len(table['measured'])} in all) into "
+          f"{path or 'the package crossovers.json'}")
+
+
+def _from_results(args) -> int:
+    """``--from-results``: the tables (and crossovers) of an earlier run, without measuring."""
+    import json
+
+    from fastseq.bench import report
+    from fastseq.bench.runner import failures
+
+    with open(args.from_results) as f:
+        data = json.load(f)
+    meta, rows = data["meta"], data["cases"]
+    print(report.terminal_table(rows, meta.get("device", "cpu")))
+    print("\nSummary (fastseq against torch on the same tensors):\n" + report.headline(rows))
+    if args.record_crossovers is not None:
+        _record(args, rows, meta["device"], meta["device_name"], args.from_results)
+    return 1 if failures(rows) else 0
+
+
 def run(args) -> int:
     """The command: measure, write, print. Returns the exit status."""
+    if args.from_results:
+        return _from_results(args)
     missing = _missing_requirements(not args.no_plot)
     if missing:
         print(f"fastseq bench needs {', '.join(missing)}: pip install 'fastseq[bench]'", file=sys.stderr)
         return 2
     from tqdm import tqdm
 
-    from fastseq.bench import crossovers, report
+    from fastseq.bench import report
     from fastseq.bench.runner import failures, run_case
     from fastseq.bench.timing import make_timer, measure_ceilings
 
@@ -194,13 +228,7 @@ def run(args) -> int:
         print(line)
     print("\nSummary (fastseq against torch on the same tensors):\n" + report.headline(rows))
     if args.record_crossovers is not None:
-        path = args.record_crossovers or None
-        source = os.path.relpath(os.path.abspath(json_path), REPO)
-        source = source if not source.startswith("..") else os.path.abspath(json_path)
-        new = crossovers.points(rows, device.type, meta["device_name"], source)
-        table = crossovers.record(new, *(() if path is None else (path,)))
-        print(f"recorded {len(new)} crossover points ({len(table['measured'])} in all) into "
-              f"{path or 'the package crossovers.json'}")
+        _record(args, rows, device.type, meta["device_name"], json_path)
     print(f"wrote {json_path}, {md_path}" + ("" if args.no_plot else f", {png_path}")
           + f" ({meta['elapsed_s']} s; {meta['skipped']} skipped)")
     if failed:
