@@ -223,6 +223,7 @@ def run(args) -> int:
     if not args.no_plot:
         report.plot(rows, png_path, f"fastseq bench ({args.preset}) on {meta['device_name']}, torch "
                                     f"{torch.__version__}")
+    print("\n".join(report.meta_lines(meta)))
     print(report.terminal_table(rows, device.type))
     for line in report.not_run(rows):
         print(line)

@@ -107,8 +107,9 @@ def not_run(rows: list[dict]) -> list[str]:
     return [f"- {reason} ({', '.join(sorted(set(ops)))})" for reason, ops in reasons.items()]
 
 
-def markdown(meta: dict, rows: list[dict]) -> str:
-    lines = [f"# fastseq bench: preset `{meta.get('preset')}` on {meta.get('device_name')}", ""]
+def meta_lines(meta: dict) -> list[str]:
+    """Where, when and with what: device, versions, timer, the measured ceilings (markdown list items)."""
+    lines = []
     for key in ("device_name", "device", "threads", "python", "torch", "torch_cuda", "cudnn", "triton", "fastseq",
                 "git", "started", "elapsed_s", "timer", "rounds", "min_time_s"):
         if meta.get(key) is not None:
@@ -118,6 +119,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         rates = ", ".join(f"{k} {v / 1e9:.4g} GFLOP/s" for k, v in c["matmul_flops"].items())
         lines.append(f"- **measured ceilings**: matrix {rates}; bandwidth {c['bandwidth'] / 1e9:.4g} GB/s; "
                      f"call latency {c['call_latency'] * 1e6:.3g} µs ({c['how']})")
+    return lines
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"# fastseq bench: preset `{meta.get('preset')}` on {meta.get('device_name')}", ""]
+    lines += meta_lines(meta)
     lines += ["", "Medians over the pooled samples of interleaved rounds, p20–p80 in parentheses; `× torch` is "
               "torch's median over this implementation's (> 1: faster; `+graph` rows against torch's graph). "
               "Errors are ‖out − ref‖/‖ref‖ against the float64 reference on the same numbers (worst output, "
