@@ -198,6 +198,8 @@ class Crossovers:
             candidates = self.points.get((op, device_type, dtype, m))
             if candidates:
                 logs = {k: math.log(max(v, 1)) for k, v in sizes.items() if v is not None}
+                if not any(k in candidates[0][0] for k in logs):
+                    return self._overall(candidates)
                 best, best_d = None, math.inf
                 for point_logs, times in candidates:
                     d = 0.0
@@ -208,6 +210,20 @@ class Crossovers:
                         best, best_d = times, d
                 return best
         return None
+
+    @staticmethod
+    def _overall(candidates: list) -> dict:
+        """Where no size of the call describes the points: each implementation's total time over the points
+        (those measured at every point)."""
+        names = set(candidates[0][1])
+        for _, times in candidates[1:]:
+            names &= set(times)
+        total = {}
+        for name in names:
+            total[name] = 0.0
+            for _, times in candidates:
+                total[name] += times[name]
+        return total
 
     def predicted(self, op: str, device_type: str, dtype: str, sizes: dict) -> list[str]:
         """Backends the predicted rules admit for the call, in the rules' order."""
@@ -285,7 +301,9 @@ def select(op: str, device: torch.device, dtype: torch.dtype, requested: str, hi
         sizes = {"batch": batch, "hidden": hidden, "steps": steps, "q_len": q_len, "kv_len": kv_len,
                  "head_dim": head_dim}
         if torch.compiler.is_compiling():
-            return _auto(op, device, dtype, sizes, training)
+            # Under torch.compile batch sizes and lengths may be dynamic (SymInts, which Dynamo cannot tell from
+            # ints): the decision uses the module's own size only, so no graph specialises on the others.
+            return _auto(op, device, dtype, {"hidden": hidden}, training)
         key = (op, device.type, dtype, batch, hidden, steps, q_len, kv_len, head_dim, training)
         chosen = _AUTO_CACHE.get(key)
         if chosen is None:
