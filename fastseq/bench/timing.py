@@ -127,7 +127,8 @@ def measure_ceilings(device: torch.device, dtypes: list[str], timer) -> Ceilings
     flops = {}
     for name in dtypes:
         dtype = getattr(torch, name)
-        n = (8192 if name != "float32" else 4096) if cuda else 1024
+        # large enough to reach the rate; on a CPU half precision is slow (torch has no fast path everywhere)
+        n = (8192 if name != "float32" else 4096) if cuda else (1024 if name == "float32" else 512)
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
         flops[name] = 2 * n**3 / _best_seconds(lambda: torch.mm(a, b), timer)
@@ -145,7 +146,8 @@ def measure_ceilings(device: torch.device, dtypes: list[str], timer) -> Ceilings
     if cuda:
         torch.cuda.synchronize()
     latency = (time.perf_counter() - t0) / calls
-    how = (f"matrix rate: torch.mm of {'4096²/8192²' if cuda else '1024²'} matrices; bandwidth: copy of "
+    how = (f"matrix rate: torch.mm of {'4096² (float32), 8192²' if cuda else '1024² (float32), 512²'} matrices; "
+           f"bandwidth: copy of "
            f"{words * 4 // 2**20} MiB (read + write); latency: {calls} calls of torch.add on 1-element tensors "
            f"(host wall clock{', then a synchronisation' if cuda else ''})")
     return Ceilings(flops, bandwidth, latency, how)
