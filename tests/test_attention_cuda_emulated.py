@@ -14,7 +14,6 @@ order, so the tolerances here are those of the dtype, not the hardware's exact r
 from __future__ import annotations
 
 import math
-import pathlib
 import shutil
 
 import pytest
@@ -22,9 +21,6 @@ import torch
 
 from fastseq import reference
 from fastseq.check import rel_err
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-EMULATION = ROOT / "tests" / "cuda_emulation"
 
 # relative error against the float64 reference, per dtype (inputs rounded to the dtype first)
 TOLERANCE = {torch.float32: 2e-6, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -39,19 +35,11 @@ def emu():
         from fastseq import cuda_kernels
     except ImportError as e:
         pytest.skip(f"fastseq._C is not built: {e}")
-    from torch.utils import cpp_extension
+    import cuda_emulation
 
-    if not hasattr(torch.ops.fastseq_emu, "sdpa_fwd"):
-        cpp_extension.load(
-            name="fastseq_attention_emulated",
-            sources=[str(EMULATION / f) for f in ("attention_emulated_schema.cpp", "attention_emulated_fwd.cpp",
-                                                  "attention_emulated_bwd.cpp")],
-            extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "csrc" / "cuda"), str(EMULATION)],
-            extra_cflags=["-O1", "-fno-strict-aliasing", "-Wno-unknown-pragmas"],
-            is_python_module=False, verbose=False)
-        cuda_kernels.register_fakes("fastseq_emu")
+    cuda_emulation.load()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cuda_kernels, "_ops", torch.ops.fastseq_emu)
+        mp.setattr(cuda_kernels, "_ops", getattr(torch.ops, cuda_emulation.NAMESPACE))
         yield cuda_kernels
 
 
