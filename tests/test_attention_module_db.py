@@ -1,7 +1,8 @@
 """torch's own module database (``torch.testing._internal.common_modules.module_db``) for the attention modules
 and the Transformer containers: for each sample, torch's module and a patched deepcopy
-(``fastseq.patch(copy.deepcopy(m), backend="triton")``) on the same inputs, in train and in eval mode, give the
-same outputs and (for the samples run with grad) the same input and parameter gradients.
+(``fastseq.patch(copy.deepcopy(m), backend=...)``, on each kernel backend that runs here) on the same inputs, in
+train and in eval mode, give the same outputs and (for the samples run with grad) the same input and parameter
+gradients.
 
 Tolerance (SPEC.md, Numerics): a float64 copy of torch's module on the same inputs is the reference; each
 quantity's relative error is at most twice torch's own float32 error plus the float32 floor (1e-6). Entries that
@@ -52,12 +53,17 @@ def _info(name):
 
 @pytest.fixture(scope="module")
 def device():
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="module", params=["triton", pytest.param("cuda", marks=pytest.mark.cuda)])
+def backend(request, device):
+    """Each kernel backend that can run attention on ``device`` (skipped, saying why, where it cannot)."""
     try:
-        fastseq.dispatch.select("sdpa", device, torch.float32, "triton")
+        fastseq.dispatch.select("sdpa", device, torch.float32, request.param)
     except fastseq.BackendUnavailableError as e:
         pytest.skip(str(e))
-    return device
+    return request.param
 
 
 def _clone(obj, dtype=None):
@@ -157,7 +163,7 @@ def _padding_keep(module, fwd_args, fwd_kwargs, out):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", NAMES)
-def test_module_db_samples(name, training, device, monkeypatch):
+def test_module_db_samples(name, training, device, backend, monkeypatch):
     info, samples, total = _samples(name, device, training)
     if not samples:
         pytest.skip(f"{name}: no samples")
@@ -176,7 +182,7 @@ def test_module_db_samples(name, training, device, monkeypatch):
             _no_dropout(theirs)
         theirs.train(training)
         exact = copy.deepcopy(theirs).double()
-        ours = fastseq.patch(copy.deepcopy(theirs), backend="triton")
+        ours = fastseq.patch(copy.deepcopy(theirs), backend=backend)
         fwd = (sample.forward_input.args, sample.forward_input.kwargs)
 
         # with grad (train, and eval without the fast path): outputs and input/parameter gradients

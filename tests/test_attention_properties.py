@@ -1,4 +1,4 @@
-"""Property-based test of ``fastseq.scaled_dot_product_attention(..., backend="triton")`` (hypothesis): random
+"""Property-based test of ``fastseq.scaled_dot_product_attention`` on each kernel backend (hypothesis): random
 leading dimensions, heads (GQA included), query/key lengths, head sizes (the value's differing from the query's),
 mask kind (none, bool, float, key padding) and broadcast shape, ``is_causal`` (without a mask) and ``scale``;
 the output and the query/key/value gradients against the float64 reference within SPEC's rule (twice
@@ -26,14 +26,16 @@ from fastseq.check import rel_err, tolerance  # noqa: E402
 DTYPE = torch.float32
 
 
-@pytest.fixture(scope="module")
-def backend():
+@pytest.fixture(scope="module", params=["triton", pytest.param("cuda", marks=pytest.mark.cuda)])
+def backend(request):
+    """``(device, kernel backend)`` for each backend that can run attention here (skipped, saying why, where
+    it cannot: the CUDA kernels need a GPU)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        fastseq.dispatch.select("sdpa", device, DTYPE, "triton")
+        fastseq.dispatch.select("sdpa", device, DTYPE, request.param)
     except fastseq.BackendUnavailableError as e:
         pytest.skip(str(e))
-    return device
+    return device, request.param
 
 
 @st.composite
@@ -122,10 +124,13 @@ def _property(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_sdpa_matches_reference(backend, kind):
+    # (device, backend) travels as the property's `device` argument: hypothesis derives its derandomized
+    # examples from the property's source, which stays as it was before the backends were parametrised
     _property(kind)(backend)
 
 
-def _check_case(device, case):
+def _check_case(target, case):
+    device, backend = target
     q, k, v, mask = _make(case, device)
     gqa = case["kv_heads"] != case["H"]
     is_causal, scale = case["is_causal"], case["scale"]
@@ -134,7 +139,7 @@ def _check_case(device, case):
     grad_out = torch.randn(out_shape, generator=g).to(device)
 
     ours = _run(lambda a, b, c: fastseq.scaled_dot_product_attention(
-        a, b, c, mask, 0.0, is_causal, scale, gqa, backend="triton"), (q, k, v), grad_out)
+        a, b, c, mask, 0.0, is_causal, scale, gqa, backend=backend), (q, k, v), grad_out)
     theirs = _run(lambda a, b, c: _torch_sdpa(a, b, c, mask, is_causal, scale, gqa), (q, k, v), grad_out)
     m64 = None if mask is None else (mask.double() if mask.is_floating_point() else mask)
     ref = _run(lambda a, b, c: reference.scaled_dot_product_attention(a, b, c, m64, 0.0, is_causal, scale, gqa),

@@ -10,6 +10,7 @@ On CPU the kernels run under the Triton interpreter: sizes are tiny."""
 from __future__ import annotations
 
 import copy
+import inspect
 import pickle
 
 import pytest
@@ -22,13 +23,17 @@ from fastseq.check import rel_err, tolerance
 E, H = 8, 2
 
 
-@pytest.fixture
-def backend(device):
+@pytest.fixture(params=["triton", pytest.param("cuda", marks=pytest.mark.cuda)])
+def backend(request, device):
+    """Each kernel backend that can run attention on ``device`` (skipped, saying why, elsewhere). The CUDA
+    kernels take CUDA tensors only: tests that build their inputs on the CPU run the Triton backend alone."""
+    if request.param == "cuda" and "device" not in inspect.signature(request.function).parameters:
+        pytest.skip("this test builds CPU tensors; the CUDA kernels take CUDA tensors")
     try:
-        fastseq.dispatch.select("sdpa", device, torch.float32, "triton")
+        fastseq.dispatch.select("sdpa", device, torch.float32, request.param)
     except fastseq.BackendUnavailableError as e:
         pytest.skip(str(e))
-    return "triton"
+    return request.param
 
 
 @pytest.fixture
@@ -170,14 +175,14 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_against_torch(case, device, backend, sdpa_calls):
     kw, fkw, masks = CASES[case]
-    compare(kw, fkw, masks=masks, device=device)
+    compare(kw, fkw, masks=masks, device=device, backend=backend)
     assert len(sdpa_calls) == 1  # the output comes from the fused operator, with or without weights
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_self_attention_causal(need_weights, device, backend, sdpa_calls):
     compare({"batch_first": True}, {"need_weights": need_weights}, masks=_causal, self_attention=True,
-            device=device)
+            device=device, backend=backend)
     # torch gives the hint to its sdpa only without weights; then no mask is passed
     mask_shape, is_causal = sdpa_calls[0][1], sdpa_calls[0][3]
     assert (mask_shape is None and is_causal) if not need_weights else (mask_shape == (1, 1, 5, 5) and not is_causal)
@@ -186,11 +191,11 @@ def test_self_attention_causal(need_weights, device, backend, sdpa_calls):
 def test_unbatched(device, backend):
     compare({}, {}, N=None, device=device, masks=lambda N, L, S, d: {
         "key_padding_mask": torch.tensor([False] * (S - 1) + [True], device=d),
-        "attn_mask": torch.randn(H, L, S, device=d)})
+        "attn_mask": torch.randn(H, L, S, device=d)}, backend=backend)
 
 
 def test_masks_passed_broadcast_not_expanded(device, backend, sdpa_calls):
-    ours, _, _ = make(device=device)
+    ours, _, _ = make(device=device, backend=backend)
     q, k, v = inputs(3, 4, 5, device=device)
     kpm = torch.zeros(3, 5, dtype=torch.bool, device=device)
     am = torch.zeros(4, 5, dtype=torch.bool, device=device)
@@ -201,7 +206,7 @@ def test_masks_passed_broadcast_not_expanded(device, backend, sdpa_calls):
 
 
 def test_fully_masked_rows_as_torch(device, backend):
-    ours, theirs, _ = make(device=device)
+    ours, theirs, _ = make(device=device, backend=backend)
     q, k, v = inputs(2, 3, 4, device=device)
     kpm = torch.zeros(2, 4, dtype=torch.bool, device=device)
     kpm[1] = True
@@ -213,7 +218,7 @@ def test_fully_masked_rows_as_torch(device, backend):
 
 
 def test_dropout_in_training_only(device, backend, sdpa_calls):
-    ours, theirs, _ = make(device=device, dropout=0.5)
+    ours, theirs, _ = make(device=device, dropout=0.5, backend=backend)
     q, k, v = inputs(2, 4, 4, device=device)
     out_train, _ = ours(q, k, v, need_weights=False)
     assert sdpa_calls[-1][2] == 0.5
@@ -239,7 +244,7 @@ def test_auto_on_cpu_is_torch(sdpa_calls):
 
 
 def test_inputs_not_modified(device, backend):
-    ours, _, _ = make(device=device)
+    ours, _, _ = make(device=device, backend=backend)
     q, k, v = inputs(2, 4, 5, device=device)
     kpm = torch.zeros(2, 5, dtype=torch.bool, device=device)
     am = torch.randn(4, 5, device=device)

@@ -46,6 +46,10 @@ def _kernels(backend: str):
         from fastseq.kernels import attention
 
         return attention
+    if backend == "cuda":
+        from fastseq import cuda_kernels
+
+        return cuda_kernels
     raise RuntimeError(f"fastseq has no {backend!r} kernels for attention")
 
 
