@@ -481,12 +481,13 @@ def test_layer_launchers_match_reference_and_torch(case):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("D,packed", [(1, False), (1, True), (2, True)])
 def test_layer_steps_split_across_threads_give_the_single_thread_bits(kind, D, packed):
-    """Steps large enough (B·G·H ≥ 2¹⁶) split their units across the threads a direction has (its own when
-    D ≥ threads): every number is computed as on one thread, packed rows that stop advancing keep their state, and
-    the result is the reference's."""
+    """Steps large enough (B·G·H ≥ 2²², rnn_layers.cpp) split their units across the threads a direction has (its
+    own when D ≥ threads): every number is computed as on one thread, packed rows that stop advancing keep their
+    state, and the result is the reference's."""
     from fastseq import cpp_kernels
 
-    case = LayerCase(kind, T=5, B=8, H=96, D=D, packed=packed)
+    H = {"lstm": 256, "gru": 300}.get(kind.split("_")[0], 512)  # B·G·H just over 2²²
+    case = LayerCase(kind, T=3, B=16, H=H, D=D, packed=packed)
     t = layer_tensors(case)
     threads = torch.get_num_threads()
     try:

@@ -310,9 +310,11 @@ inline int64_t time_of(int64_t s, int64_t T, int64_t d, bool backward) {
   return ascending ? s : T - 1 - s;
 }
 
-// Below this many multiply-adds in one direction's step product, a direction runs on one thread: splitting a step
-// across threads costs a parallel region (a few µs) per step.
-constexpr int64_t kParallelStepMinWork = int64_t{1} << 16;
+// Below this many multiply-adds in one direction's step product (~100 µs of one core), a direction runs on one
+// thread. Splitting a step across threads costs a parallel region per step: a few µs on an idle machine, but on a
+// busy one every step waits for the slowest thread to be scheduled, and there it measured 10-300× slower than one
+// thread (benchmarks/NOTES_cpu.md). Directions in parallel need no synchronisation and are always taken.
+constexpr int64_t kParallelStepMinWork = int64_t{1} << 22;
 
 // How many slices of units each direction's steps are split into (one thread each, one parallel region per step).
 // Directions are independent, so with D ≥ threads each runs its whole time loop on a thread of its own without

@@ -18,6 +18,10 @@ from fastseq.nn._base import FastModule, dtype_name
 from fastseq.ops import cells as _ops
 
 
+_WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+_NOT_REGISTERED = object()
+
+
 class _FastCell(FastModule):
     """What the three cells share: validation and the choice of backend."""
 
@@ -67,6 +71,17 @@ class _FastCell(FastModule):
                 raise RuntimeError(f"{self._name}: Expected all tensors to be on the same device: {label} is on "
                                    f"{t.device}, the parameters are on {w_device}")
 
+    def _weights(self) -> tuple[Optional[Tensor], ...]:
+        """``(weight_ih, weight_hh, bias_ih, bias_hh)``. Read from ``_parameters`` where they are registered
+        there (``Module.__getattr__`` costs about a µs each); where one is not (a parametrization moved it, or it
+        was replaced by a plain attribute) through ``getattr``, as torch's own forward reads it."""
+        registered = self._parameters
+        weights = tuple(registered.get(name, _NOT_REGISTERED) for name in _WEIGHT_NAMES)
+        for w in weights:  # by identity: `in` would compare tensors with ==
+            if w is _NOT_REGISTERED:
+                return tuple(getattr(self, name) for name in _WEIGHT_NAMES)
+        return weights
+
     # -- dispatch ---------------------------------------------------------------------------------------
 
     def _prepare(self, input: Tensor, states: tuple[Optional[Tensor], ...], labels: tuple[str, ...]):
@@ -79,7 +94,7 @@ class _FastCell(FastModule):
                 self._check_state(state, label, input, input_dim)
         device = input.device
         cast = self._autocast_dtype(device)
-        params = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        params = self._weights()
         tensors = (input, *states)
         self._check_dtype_device(tensors, ("input", *labels), params[0], check_dtype=cast is None)
         dtype = input.dtype if cast is None else cast
@@ -90,7 +105,10 @@ class _FastCell(FastModule):
             tensors = tuple(None if t is None else t.unsqueeze(0) for t in tensors)
         if cast is not None:  # else the inputs are in the parameters' dtype (checked above)
             tensors = tuple(None if t is None else t.to(dtype) for t in tensors)
-        params = tuple(p if p is None or p.dtype == dtype else p.to(dtype) for p in params)
+        for p in params:
+            if p is not None and p.dtype != dtype:  # autocast, or parameters of mixed dtypes
+                params = tuple(q if q is None or q.dtype == dtype else q.to(dtype) for q in params)
+                break
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, *params))
         return backend, tensors, params, save
 

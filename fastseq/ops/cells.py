@@ -43,6 +43,16 @@ def _kernels(backend: str):
 # Tensor types that carry no __torch_function__ / __torch_dispatch__ of their own.
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
+# _kernels(backend), looked up once per backend (its import statement costs a µs or two per call).
+_LAUNCHERS: dict = {}
+
+
+def _launchers(backend: str):
+    launchers = _LAUNCHERS.get(backend)
+    if launchers is None:
+        launchers = _LAUNCHERS[backend] = _kernels(backend)
+    return launchers
+
 
 def may_skip_operator(*tensors: Optional[Tensor]) -> bool:
     """Whether a forward may call its kernel directly instead of going through its custom operator, whose eager
@@ -67,7 +77,7 @@ def run_lstm_cell(input: Tensor, hx: Optional[Tensor], cx: Optional[Tensor], w_i
                   save_workspace: bool) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`lstm_cell`, through its operator or, where :func:`may_skip_operator`, its kernel directly."""
     if may_skip_operator(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
-        return _kernels(backend).launch_cell_fwd("lstm", input, hx, cx, w_ih, w_hh, b_ih, b_hh, save_workspace)
+        return _launchers(backend).launch_cell_fwd("lstm", input, hx, cx, w_ih, w_hh, b_ih, b_hh, save_workspace)
     return lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend, save_workspace)
 
 
@@ -75,7 +85,8 @@ def run_gru_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor
                  b_hh: Optional[Tensor], backend: str, save_workspace: bool) -> tuple[Tensor, Tensor]:
     """:func:`gru_cell`, through its operator or, where :func:`may_skip_operator`, its kernel directly."""
     if may_skip_operator(input, hx, w_ih, w_hh, b_ih, b_hh):
-        h, _, ws = _kernels(backend).launch_cell_fwd("gru", input, hx, None, w_ih, w_hh, b_ih, b_hh, save_workspace)
+        h, _, ws = _launchers(backend).launch_cell_fwd("gru", input, hx, None, w_ih, w_hh, b_ih, b_hh,
+                                                      save_workspace)
         return h, ws
     return gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh, backend, save_workspace)
 
@@ -86,7 +97,7 @@ def run_rnn_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor
     """:func:`rnn_cell`, through its operator or, where :func:`may_skip_operator`, its kernel directly."""
     if may_skip_operator(input, hx, w_ih, w_hh, b_ih, b_hh):
         _check_nonlinearity(nonlinearity)
-        h, _, ws = _kernels(backend).launch_cell_fwd(
+        h, _, ws = _launchers(backend).launch_cell_fwd(
             "rnn", input, hx, None, w_ih, w_hh, b_ih, b_hh, save_workspace, nonlinearity)
         return h, ws
     return rnn_cell(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity, backend, save_workspace)
