@@ -4,9 +4,10 @@
 //   gemm_nt:  C[m, n] (+)= Σ_s Σ_k A_s[m, k] · W_s[n, k]     (one or two operand pairs s summed into one output)
 //
 // Why our own: for such shapes the product is bound by reading W once (4·N·K bytes), and every row of A must use
-// each element of W while it is in a register. ATen's paths (MKL sgemm, oneDNN brgemm) are tuned for large M:
-// measured here (AMD EPYC, Zen 3, torch 2.13) 1×128 · 128×512 took ~10 µs through at::mm, 20-50× its
-// bandwidth floor (benchmarks/NOTES_cpu.md). W is read as stored, so nothing is packed or transposed per call.
+// each element of W while it is in a register. ATen's paths (MKL sgemm, oneDNN brgemm) are tuned for large M: on
+// an AMD EPYC (Zen 3, torch 2.13) 1×128 · 128×512 took ~10 µs through at::mm, 3× the time its 256 KiB of W take
+// to stream from L2, and up to 16 rows this kernel measured 1.4-3.8× faster than at::mm (benchmarks/NOTES_cpu.md).
+// W is read as stored, so nothing is packed or transposed per call.
 //
 // Blocking. W's rows are taken in blocks of 24; inside a block, A's rows in tiles of MR ≤ 4 against NR W rows
 // (MR·NR ≤ 12 vector accumulators, MR = 1 → NR = 8, 2 → 6, 3 → 4, 4 → 3), so the 24 rows of W (24·K·4 bytes)
