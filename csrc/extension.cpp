@@ -46,6 +46,8 @@ bool built_with_cuda() {
 #endif
 }
 
+void bind_direct_calls(pybind11::module_& m);  // csrc/cpu/direct_calls.cpp
+
 }  // namespace fastseq
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -53,4 +55,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kernels", &fastseq::kernels, "operator names with a compiled kernel for a device type");
   m.def("built_with_cuda", &fastseq::built_with_cuda, "whether the CUDA sources were compiled in");
   m.attr("torch_version") = TORCH_VERSION;
+  fastseq::bind_direct_calls(m);
 }

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-import fastseq._C  # noqa: F401  (loading the extension registers torch.ops.fastseq_cpp)
+import fastseq._C as _C  # loading the extension registers torch.ops.fastseq_cpp
 from fastseq.ops import cells as _cell_ops
 from fastseq.ops import layers as _layer_ops
 
@@ -37,14 +37,18 @@ workspace_layout = _layer_ops.workspace_layout
 
 def launch_cell_fwd(kind: str, x, h, c, w_ih, w_hh, b_ih, b_hh, save: bool, nonlinearity: str = "tanh"):
     """Forward of one cell step. ``kind`` is "lstm", "gru" or "rnn". Returns ``(h', c' or None, workspace)``,
-    the workspace float32 ``(B, k·H)`` when ``save`` else an empty tensor."""
+    the workspace float32 ``(B, k·H)`` when ``save`` else an empty tensor.
+
+    The operator is called through ``fastseq._C``'s direct entry points (csrc/cpu/direct_calls.cpp), which reach it
+    through the dispatcher from C++: through ``torch.ops`` the call's Python-side argument handling costs more than
+    the kernel at decode sizes."""
     if kind == "lstm":
-        h_out, c_out, ws = _ops.lstm_cell_fwd(x, h, c, w_ih, w_hh, b_ih, b_hh, save)
+        h_out, c_out, ws = _C.lstm_cell_fwd(x, h, c, w_ih, w_hh, b_ih, b_hh, save)
         return h_out, c_out, ws
     if kind == "gru":
-        h_out, ws = _ops.gru_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh, save)
+        h_out, ws = _C.gru_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh, save)
     else:
-        h_out, ws = _ops.rnn_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh, save, nonlinearity)
+        h_out, ws = _C.rnn_cell_fwd(x, h, w_ih, w_hh, b_ih, b_hh, save, nonlinearity)
     return h_out, None, ws
 
 
@@ -162,6 +166,11 @@ def _(grad_h, workspace, h, w_ih, w_hh, need_input_grad):
 @torch.library.register_fake("fastseq_cpp::rnn_cell_bwd")
 def _(grad_h, workspace, has_state, w_ih, w_hh, need_input_grad, nonlinearity):
     return _cell_bwd_fake("rnn", grad_h, w_ih, has_state, need_input_grad)
+
+
+@torch.library.register_fake("fastseq_cpp::small_gemm_nt")
+def _(a, w, a2, w2, isa):
+    return a.new_empty((a.shape[0], w.shape[0]))
 
 
 def _layer_fwd_fake(kind, gates_x, h0, w_hh, w_hr, batch_sizes, save):

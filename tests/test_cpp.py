@@ -250,6 +250,26 @@ def test_cell_strided_inputs_give_the_same_numbers(kind):
 
 
 @needs_cpp
+@pytest.mark.parametrize("case", [CellCase(kind, 3, 10, 17, state, True, dtype) for kind in KINDS
+                                  for state in (True, False) for dtype in (torch.float32, torch.float16)], ids=str)
+def test_cell_direct_entry_points_are_the_operators(case):
+    """fastseq._C.*_cell_fwd (what the launchers call) give torch.ops.fastseq_cpp.*_cell_fwd's bits."""
+    import fastseq._C as C
+
+    x, h, c, w_ih, w_hh, b_ih, b_hh, _, _ = cell_tensors(case)
+    for save in (False, True):
+        if case.op == "lstm":
+            args = (x, h, c, w_ih, w_hh, b_ih, b_hh, save)
+        else:
+            args = (x, h, w_ih, w_hh, b_ih, b_hh, save) + ((case.nonlinearity,) if case.op == "rnn" else ())
+        name = f"{case.op}_cell_fwd"
+        direct, operator = getattr(C, name)(*args), getattr(torch.ops.fastseq_cpp, name)(*args)
+        assert len(direct) == len(operator)
+        for got, want in zip(direct, operator):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@needs_cpp
 @pytest.mark.parametrize("kind", KINDS)
 def test_cell_inference_writes_no_workspace_and_matches_training(kind):
     from fastseq import cpp_kernels
@@ -455,6 +475,34 @@ def test_layer_launchers_match_reference_and_torch(case):
         if not error <= tolerance(torch_error, case.dtype):
             failures.append(f"{name}: {error:.3e} > {tolerance(torch_error, case.dtype):.3e} (torch {torch_error:.3e})")
     assert not failures, f"{case}: " + "; ".join(failures)
+
+
+@needs_cpp
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("D,packed", [(1, False), (1, True), (2, True)])
+def test_layer_steps_split_across_threads_give_the_single_thread_bits(kind, D, packed):
+    """Steps large enough (B·G·H ≥ 2²², rnn_layers.cpp) split their units across the threads a direction has (its
+    own when D ≥ threads): every number is computed as on one thread, packed rows that stop advancing keep their
+    state, and the result is the reference's."""
+    from fastseq import cpp_kernels
+
+    H = {"lstm": 256, "gru": 300}.get(kind.split("_")[0], 512)  # B·G·H just over 2²²
+    case = LayerCase(kind, T=3, B=16, H=H, D=D, packed=packed)
+    t = layer_tensors(case)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = layer_ours(cpp_kernels, case, t)
+        torch.set_num_threads(2 * D)  # 2 threads for each direction: each step split in two
+        split = layer_ours(cpp_kernels, case, t)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(one) == set(split)
+    for name in one:
+        torch.testing.assert_close(split[name], one[name], rtol=0, atol=0, msg=name)
+    theirs, ref = layer_torch(case, t, case.dtype), layer_torch(case, t, torch.float64)
+    for name, r in ref.items():
+        assert rel_err(split[name], r) <= tolerance(rel_err(theirs[name], r), case.dtype), name
 
 
 @needs_cpp

@@ -213,3 +213,30 @@ def test_unknown_nonlinearity_raises_like_torch():
         theirs(torch.randn(2, 3))
     with pytest.raises(RuntimeError, match="Unknown nonlinearity: sigmoid"):
         ours(torch.randn(2, 3))
+
+
+class _Doubled(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("fast,theirs", PAIRS, ids=IDS)
+def test_parametrized_and_functional_call_weights_are_the_ones_used(fast, theirs, device, kernel_backend):
+    """The cells read their weights from ``_parameters`` where registered there (fast), else through getattr: a
+    parametrization (which moves the weight out of ``_parameters``) and ``torch.func.functional_call`` (which swaps
+    the registered tensor) must both be seen."""
+    from torch.nn.utils import parametrize
+
+    ours, ref = fast(5, 7, backend=kernel_backend, device=device), theirs(5, 7, device=device)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 5, device=device)
+    for module in (ours, ref):
+        parametrize.register_parametrization(module, "weight_hh", _Doubled())
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+        for module in (ours, ref):
+            parametrize.remove_parametrizations(module, "weight_hh")
+        swapped = {"weight_ih": torch.randn(ref.weight_ih.shape, device=device)}
+        want = torch.func.functional_call(ref, swapped, (x,))
+        got = torch.func.functional_call(ours, swapped, (x,))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -131,3 +131,107 @@ def test_compile_inductor_backend(device, kernel_backend):
     torch.testing.assert_close(h, h2)
     torch.testing.assert_close(c, c2)
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The eager inference path: run_*_cell call the kernel directly where nothing can tell the difference
+# ---------------------------------------------------------------------------------------------------------
+
+RUNNERS = {"lstm_cell": ops.run_lstm_cell, "gru_cell": ops.run_gru_cell, "rnn_cell": ops.run_rnn_cell}
+
+
+def _cell_args(name, device, dtype=torch.float32, requires_grad=False, with_state=True):
+    """(operator name, args without backend and save) for one cell call; RNN takes the relu nonlinearity."""
+    B, I, H = 3, 11, 13
+    gates = {"lstm_cell": 4, "gru_cell": 3, "rnn_cell": 1}[name]
+    x = torch.randn(B, I, device=device, dtype=dtype)
+    states = [torch.randn(B, H, device=device, dtype=dtype) if with_state else None
+              for _ in range(2 if name == "lstm_cell" else 1)]
+    params = [p.to(dtype).detach().requires_grad_(requires_grad)
+              for p in _params(gates, I, H, device, False)]
+    extra = ["relu"] if name == "rnn_cell" else []
+    return [x, *states, *params, *extra]
+
+
+def _spy_on_operator(monkeypatch, name):
+    """Count the calls of the custom operator ``name`` that the run_* functions make."""
+    calls = []
+    op = getattr(ops, name)
+
+    def spy(*args):
+        calls.append(args)
+        return op(*args)
+
+    monkeypatch.setattr(ops, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", sorted(RUNNERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_eager_inference_skips_the_operator_and_gives_its_bits(name, dtype, with_state, device, kernel_backend,
+                                                               monkeypatch):
+    args = _cell_args(name, device, dtype, with_state=with_state)
+    with torch.no_grad():
+        through_operator = getattr(ops, name)(*args, kernel_backend, False)
+        calls = _spy_on_operator(monkeypatch, name)
+        direct = RUNNERS[name](*args, kernel_backend, False)
+    assert not calls
+    assert len(direct) == len(through_operator)
+    for got, want in zip(direct, through_operator):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(RUNNERS))
+def test_the_operator_runs_whenever_a_gradient_may_be_needed(name, device, kernel_backend, monkeypatch):
+    calls = _spy_on_operator(monkeypatch, name)
+    args = _cell_args(name, device, requires_grad=True)
+    out = RUNNERS[name](*args, kernel_backend, True)
+    assert len(calls) == 1 and out[0].grad_fn is not None
+    out[0].sum().backward()
+    assert args[-2 if name == "rnn_cell" else -1].grad is not None
+    with torch.no_grad():  # parameters that require grad, but no grad mode: nothing to record
+        RUNNERS[name](*args, kernel_backend, False)
+    assert len(calls) == 1
+    args = _cell_args(name, device)
+    args[0].requires_grad_()  # only the input requires grad
+    RUNNERS[name](*args, kernel_backend, True)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("name", sorted(RUNNERS))
+def test_the_operator_runs_under_a_dispatch_mode(name, device, kernel_backend):
+    """Modes (and tensor subclasses) must see fastseq's own operators, not the kernels' launchers."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    args = _cell_args(name, device)
+    with torch.no_grad(), Record():
+        RUNNERS[name](*args, kernel_backend, False)
+    assert f"fastseq.{name}.default" in seen, seen
+
+
+@pytest.mark.parametrize("cls,kw", CELLS, ids=["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_compile_sees_the_operator_in_inference_too(cls, kw, device, kernel_backend):
+    """Under torch.compile the modules' no-grad calls stay ``torch.ops.fastseq.*`` in the graph."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    cell = cls(6, 9, backend=kernel_backend, device=device, **kw)
+    x = torch.randn(4, 6, device=device)
+    with torch.no_grad():
+        got = torch.compile(cell, fullgraph=True, backend=capture)(x)
+        want = cell(x)
+    assert graphs and all("torch.ops.fastseq" in g for g in graphs), graphs
+    assert not any("fastseq_cpp" in g for g in graphs), graphs
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -6,8 +6,9 @@
 // Math (fastseq.reference): with G gates stacked in torch's order (LSTM i,f,g,o; GRU r,z,n; RNN one),
 // a = x·W_ihᵀ + b_ih + h·W_hhᵀ + b_hh, then the gate nonlinearities and the state update.
 //
-// Forward: the two products as ATen GEMMs on float32 operands (x·W_ihᵀ, then h·W_hhᵀ accumulated into it for
-// LSTM and RNN; GRU keeps the hidden side apart, since the reset gate scales its candidate term), then one fused
+// Forward: the two products on float32 operands, for a few rows by the small-M kernel (small_gemm.h: the weights
+// read once, in place; x·W_ihᵀ + h·W_hhᵀ summed in one accumulator for LSTM and RNN), for more by ATen's GEMM
+// (GRU keeps the hidden side apart, since the reset gate scales its candidate term), then one fused
 // loop over (row, unit) that adds the biases, applies the nonlinearities and the update and writes h' (c'), and
 // in training the float32 workspace of pre-activations (LSTM: a_i, a_f, a_g, a_o, c'; GRU: a_r, a_z, a_n,
 // W_hn·h + b_hn; RNN: a), exactly the Triton kernels' layout, so either backend's backward reads the other's.
@@ -74,6 +75,29 @@ void check_cell(const Tensor& x, const OptTensor& h, const Tensor& w_ih, const T
 // ---------------------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------------------
+
+// x·W_ihᵀ, plus h·W_hhᵀ when h is defined: float32 (B, N). Up to kSmallGemmMaxRows rows the small-M kernel reads
+// the weights in place (any row stride), once for all rows, and sums both products in each output's accumulator;
+// larger batches go through ATen's GEMM.
+Tensor gate_products(const Tensor& x, const Tensor& w_ih, const Tensor& h = Tensor(), const Tensor& w_hh = Tensor()) {
+  const int64_t B = x.size(0), N = w_ih.size(0);
+  if (B > kSmallGemmMaxRows) {
+    Tensor out = at::cpu::mm(f32_contiguous(x), f32_contiguous(w_ih).t());
+    if (h.defined()) at::cpu::addmm_(out, f32_contiguous(h), f32_contiguous(w_hh).t());
+    return out;
+  }
+  // Held here: the operands point into them.
+  const Tensor x32 = unit_column_stride(as_f32(x)), wi32 = unit_column_stride(as_f32(w_ih));
+  const Tensor h32 = h.defined() ? unit_column_stride(as_f32(h)) : Tensor();
+  const Tensor wh32 = h.defined() ? unit_column_stride(as_f32(w_hh)) : Tensor();
+  NtOperand ops[2] = {nt_operand(x32, wi32), {}};
+  if (h.defined()) ops[1] = nt_operand(h32, wh32);
+  Tensor out = at::empty({B, N}, x.options().dtype(at::kFloat));
+  gemm_nt(B, N, ops, h.defined() ? 2 : 1, out.data_ptr<float>(), N, false);
+  return out;
+}
+
+Tensor state_or_undefined(const OptTensor& t) { return given(t) ? *t : Tensor(); }
 
 // One row's units (j < H): g = the summed products (LSTM, RNN) or x·W_ihᵀ and h·W_hhᵀ apart (GRU); bi, bh the
 // biases; c / h the consumed state (HAS_STATE); outputs h' (c') in float32; ws the row's workspace (SAVE).
@@ -164,12 +188,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell_fwd(const Tensor& x, const OptTenso
   Tensor c_out = at::empty({B, H}, x.options());
   Tensor ws = at::empty(shape_if(save, {B, 5 * H}), x.options().dtype(at::kFloat));
   if (B == 0 || H == 0) return {h_out, c_out, ws};
-  Tensor gates = at::cpu::mm(f32_contiguous(x), f32_contiguous(w_ih).t());  // (B, 4H) float32
-  Tensor c32;
-  if (given(h)) {
-    at::cpu::addmm_(gates, f32_contiguous(*h), f32_contiguous(w_hh).t());
-    c32 = f32_contiguous(*c);
-  }
+  Tensor gates = gate_products(x, w_ih, state_or_undefined(h), w_hh);  // (B, 4H) float32
+  Tensor c32 = given(h) ? f32_contiguous(*c) : Tensor();
   const Tensor bi = bias_or_zeros(b_ih, 4 * H, x), bh = bias_or_zeros(b_hh, 4 * H, x);
   Tensor h32 = float_out(h_out), c32_out = float_out(c_out);
   const float *g_p = gates.data_ptr<float>(), *bi_p = bi.data_ptr<float>(), *bh_p = bh.data_ptr<float>();
@@ -195,10 +215,10 @@ std::tuple<Tensor, Tensor> gru_cell_fwd(const Tensor& x, const OptTensor& h, con
   Tensor h_out = at::empty({B, H}, x.options());
   Tensor ws = at::empty(shape_if(save, {B, 4 * H}), x.options().dtype(at::kFloat));
   if (B == 0 || H == 0) return {h_out, ws};
-  Tensor gx = at::cpu::mm(f32_contiguous(x), f32_contiguous(w_ih).t());  // (B, 3H)
+  Tensor gx = gate_products(x, w_ih);  // (B, 3H)
   Tensor gh, h32;
   if (given(h)) {
-    gh = at::cpu::mm(f32_contiguous(*h), f32_contiguous(w_hh).t());  // (B, 3H), apart: r scales its n part
+    gh = gate_products(*h, w_hh);  // (B, 3H), apart: r scales its n part
     h32 = f32_contiguous(*h);
   }
   const Tensor bi = bias_or_zeros(b_ih, 3 * H, x), bh = bias_or_zeros(b_hh, 3 * H, x);
@@ -227,8 +247,7 @@ std::tuple<Tensor, Tensor> rnn_cell_fwd(const Tensor& x, const OptTensor& h, con
   Tensor h_out = at::empty({B, H}, x.options());
   Tensor ws = at::empty(shape_if(save, {B, H}), x.options().dtype(at::kFloat));
   if (B == 0 || H == 0) return {h_out, ws};
-  Tensor gates = at::cpu::mm(f32_contiguous(x), f32_contiguous(w_ih).t());
-  if (given(h)) at::cpu::addmm_(gates, f32_contiguous(*h), f32_contiguous(w_hh).t());
+  Tensor gates = gate_products(x, w_ih, state_or_undefined(h), w_hh);
   const Tensor bi = bias_or_zeros(b_ih, H, x), bh = bias_or_zeros(b_hh, H, x);
   Tensor h_out32 = float_out(h_out);
   const float *g_p = gates.data_ptr<float>(), *bi_p = bi.data_ptr<float>(), *bh_p = bh.data_ptr<float>();

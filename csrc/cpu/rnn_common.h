@@ -17,6 +17,8 @@
 
 #pragma once
 
+#include "small_gemm.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -148,6 +150,12 @@ inline at::Tensor f32_contiguous(const at::Tensor& t) {
   return as_f32(t).contiguous();
 }
 
+// The tensor itself when its last dimension has unit stride (what the kernels index rows of), else a contiguous
+// copy.
+inline at::Tensor unit_column_stride(const at::Tensor& t) {
+  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+}
+
 // The row functions take every output column as a pointer of its own: columns of one array at offsets of H are,
 // to the vectoriser, stores that may overlap (H is not known at compile time), and past a few of them it falls
 // back to scalar code (10× slower). Cols(row, H, n).c[k] = row + k·H for k < n (nullptr rows give nullptrs).
@@ -216,6 +224,47 @@ inline void step_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t l
       const int64_t n0 = c == 0 ? 0 : (N * c / chunks) & ~int64_t{15};
       const int64_t n1 = c + 1 == chunks ? N : (N * (c + 1) / chunks) & ~int64_t{15};
       gemm_block(M, n1 - n0, K, A, lda, B + n0, ldb, C + n0, ldc, accumulate);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Small-M products against weights as torch stores them (small_gemm.h)
+// ---------------------------------------------------------------------------------------------------------
+
+// Up to this many rows the small-M kernel computes A·Wᵀ instead of ATen's GEMM (it reads W once for all rows; past
+// a few dozen rows ATen's blocked GEMMs, which re-use A from registers too, catch up: benchmarks/NOTES_cpu.md).
+constexpr int64_t kSmallGemmMaxRows = 16;
+
+// Below this many multiply-adds (~30 µs of one core) a product runs on one thread: a parallel region costs a few
+// µs on an idle machine, and much more where the other thread is busy.
+constexpr int64_t kParallelGemmMinWork = int64_t{1} << 20;
+
+using small_gemm::NtOperand;
+
+// An operand of the small-M kernel from a 2-D float32 tensor with unit column stride.
+inline NtOperand nt_operand(const at::Tensor& a, const at::Tensor& w) {
+  return {a.data_ptr<float>(), a.stride(0), w.data_ptr<float>(), w.stride(0), a.size(1)};
+}
+
+// C (M × N, row stride ldc) (+)= Σ_s A_s·W_sᵀ on the widest ISA the CPU has. Past kParallelGemmMinWork the rows
+// of W (columns of C) are split across torch's intra-op threads at multiples of the kernel's row block; each
+// output is computed the same way whatever the split (small_gemm.h), so results do not depend on the threads.
+inline void gemm_nt(int64_t M, int64_t N, const NtOperand* ops, int n_ops, float* C, int64_t ldc, bool accumulate) {
+  const small_gemm::Isa isa = small_gemm::best_isa();
+  int64_t k_total = 0;
+  for (int s = 0; s < n_ops; ++s) k_total += ops[s].k;
+  const int64_t blocks = (N + small_gemm::kRowBlock - 1) / small_gemm::kRowBlock;
+  const int64_t chunks = std::min<int64_t>(at::get_num_threads(), blocks);
+  if (chunks < 2 || M * N * k_total < kParallelGemmMinWork || at::in_parallel_region()) {
+    small_gemm::gemm_nt(isa, M, 0, N, ops, n_ops, C, ldc, accumulate);
+    return;
+  }
+  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const int64_t n0 = blocks * c / chunks * small_gemm::kRowBlock;
+      const int64_t n1 = std::min(N, blocks * (c + 1) / chunks * small_gemm::kRowBlock);
+      small_gemm::gemm_nt(isa, M, n0, n1, ops, n_ops, C, ldc, accumulate);
     }
   });
 }

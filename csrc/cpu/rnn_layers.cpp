@@ -13,13 +13,15 @@
 //   RNN   h' = tanh or relu(a)
 // Packed (batch_sizes): at step t only rows b < batch_sizes[t] advance; the others keep their state.
 //
-// Per step: one ATen GEMM on the float32 state (h[:n]·W_hh[d]ᵀ, n the rows that advance), then one fused loop
-// over (row, unit) that adds gates_x and b_hh, applies the update in place on the float32 state (which stays
-// in cache from step to step) and writes out[t] (and the workspace in training). With a projection a second
-// GEMM makes h' = m·W_hrᵀ. Backward runs each direction's steps in reverse, carrying float32 dh (and dc): the
-// fused loop turns dh + grad_out[t] and the workspace into the gate gradients (written in the input dtype, and
-// kept in float32 for the GEMM dh ← dA_h·W_hh). Rows are split across threads (at::parallel_for) where a step
-// has enough of them; the GEMMs thread themselves.
+// Per step: the product h[:n]·W_hh[d]ᵀ by the small-M kernel (small_gemm.h: W_hh read as stored, nothing packed),
+// then one fused loop over (row, unit) that adds gates_x and b_hh, applies the update on the float32 state (which
+// stays in cache from step to step) and writes out[t] (and the workspace in training). With a projection a second
+// product makes h' = m·W_hrᵀ. Threads: directions run side by side, each its whole time loop on a thread of its
+// own; threads beyond the directions split each step's units (unit_slices), so each thread reads the same rows of
+// W_hh at every step. Backward runs each direction's steps in reverse, carrying float32 dh (and dc): the fused loop
+// turns dh + grad_out[t] and the workspace into the gate gradients (written in the input dtype, and kept in float32
+// for the GEMM dh ← dA_h·W_hh, through ATen's batch-reduce GEMM). Rows of its pointwise loops are split across
+// threads (at::parallel_for) where a step has enough of them; its GEMMs thread themselves.
 
 #include "rnn_common.h"
 
@@ -91,27 +93,27 @@ struct Seq {
   T* row(int64_t t, int64_t row0, int64_t b) const { return base + (packed ? (row0 + b) * s_b : t * s_t + b * s_b); }
 };
 
-Tensor unit_column_stride(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
 Seq<const float> seq_of(const Tensor& t, bool packed) {  // t: float32
   return {t.data_ptr<float>(), packed ? 0 : t.stride(0), packed ? t.stride(0) : t.stride(1), packed};
 }
 
 
 // ---------------------------------------------------------------------------------------------------------
-// Forward: the update of one row at one step (units j < H), in place on the float32 state
+// Forward: the update of one row at one step, for `units` consecutive units of the H (pointers start at the
+// first; gate k of unit j sits at k·H + j)
 // ---------------------------------------------------------------------------------------------------------
 
-// gx: gates_x row of this direction (4H); bias: b_hh (4H); g: h·W_hhᵀ (4H); h: the state (Hout; read and, without
-// a projection, replaced by m); c: the cell state (H); m: with a projection, where m goes; out: out[t] row;
-// w0…w6: the workspace row's columns a_i, a_f, a_g, a_o, c', c, and m (projection) or the consumed h.
+// gx: gates_x row of this direction (4H); bias: b_hh (4H); g: h·W_hhᵀ (4H); h_prev: the consumed state (Hout); c:
+// the cell state (H), updated in place; h_next: where m goes (the next state, or with a projection the m buffer
+// that the projection reads); out: out[t] row (unused with a projection); w0…w6: the workspace row's columns
+// a_i, a_f, a_g, a_o, c', c, and m (projection) or the consumed h.
 template <bool SAVE, bool PROJ>
-FASTSEQ_ROW void lstm_fwd_row(int64_t H, const float* __restrict gx, const float* __restrict bias,
-                              const float* __restrict g, float* __restrict h, float* __restrict c,
-                              float* __restrict m, float* __restrict out, float* __restrict w0, float* __restrict w1,
-                              float* __restrict w2, float* __restrict w3, float* __restrict w4, float* __restrict w5,
-                              float* __restrict w6) {
-  for (int64_t j = 0; j < H; ++j) {
+FASTSEQ_ROW void lstm_fwd_row(int64_t units, int64_t H, const float* __restrict gx, const float* __restrict bias,
+                              const float* __restrict g, const float* __restrict h_prev, float* __restrict c,
+                              float* __restrict h_next, float* __restrict out, float* __restrict w0,
+                              float* __restrict w1, float* __restrict w2, float* __restrict w3, float* __restrict w4,
+                              float* __restrict w5, float* __restrict w6) {
+  for (int64_t j = 0; j < units; ++j) {
     const float a_i = (gx[j] + bias[j]) + g[j];
     const float a_f = (gx[H + j] + bias[H + j]) + g[H + j];
     const float a_g = (gx[2 * H + j] + bias[2 * H + j]) + g[2 * H + j];
@@ -126,57 +128,53 @@ FASTSEQ_ROW void lstm_fwd_row(int64_t H, const float* __restrict gx, const float
       w3[j] = a_o;
       w4[j] = c_new;
       w5[j] = c_prev;
-      w6[j] = PROJ ? m_new : h[j];  // with a projection m, else (Hout = H) the consumed h
+      w6[j] = PROJ ? m_new : h_prev[j];  // with a projection m, else (Hout = H) the consumed h
     }
     c[j] = c_new;
-    if constexpr (PROJ) {
-      m[j] = m_new;
-    } else {
-      h[j] = m_new;
-      out[j] = m_new;
-    }
+    h_next[j] = m_new;
+    if constexpr (!PROJ) out[j] = m_new;
   }
 }
 
 // w0…w4: a_r, a_z, a_n, hn = W_hn·h + b_hn, the consumed h.
 template <bool SAVE>
-FASTSEQ_ROW void gru_fwd_row(int64_t H, const float* __restrict gx, const float* __restrict bias,
-                             const float* __restrict g, float* __restrict h, float* __restrict out,
-                             float* __restrict w0, float* __restrict w1, float* __restrict w2, float* __restrict w3,
-                             float* __restrict w4) {
-  for (int64_t j = 0; j < H; ++j) {
+FASTSEQ_ROW void gru_fwd_row(int64_t units, int64_t H, const float* __restrict gx, const float* __restrict bias,
+                             const float* __restrict g, const float* __restrict h_prev, float* __restrict h_next,
+                             float* __restrict out, float* __restrict w0, float* __restrict w1, float* __restrict w2,
+                             float* __restrict w3, float* __restrict w4) {
+  for (int64_t j = 0; j < units; ++j) {
     const float a_r = (gx[j] + bias[j]) + g[j];
     const float a_z = (gx[H + j] + bias[H + j]) + g[H + j];
     const float hn = bias[2 * H + j] + g[2 * H + j];  // W_hn·h + b_hn: the reset gate scales all of it
     const float a_n = gx[2 * H + j] + sigmoid_f32(a_r) * hn;
     const float n = tanh_f32(a_n);
-    const float h_prev = h[j];
-    const float h_new = n + sigmoid_f32(a_z) * (h_prev - n);  // torch's rounding structure
+    const float h_old = h_prev[j];
+    const float h_new = n + sigmoid_f32(a_z) * (h_old - n);  // torch's rounding structure
     if constexpr (SAVE) {
       w0[j] = a_r;
       w1[j] = a_z;
       w2[j] = a_n;
       w3[j] = hn;
-      w4[j] = h_prev;
+      w4[j] = h_old;
     }
-    h[j] = h_new;
+    h_next[j] = h_new;
     out[j] = h_new;
   }
 }
 
 // w0, w1: a and the consumed h.
 template <bool SAVE, bool RELU>
-FASTSEQ_ROW void rnn_fwd_row(int64_t H, const float* __restrict gx, const float* __restrict bias,
-                             const float* __restrict g, float* __restrict h, float* __restrict out,
-                             float* __restrict w0, float* __restrict w1) {
-  for (int64_t j = 0; j < H; ++j) {
+FASTSEQ_ROW void rnn_fwd_row(int64_t units, const float* __restrict gx, const float* __restrict bias,
+                             const float* __restrict g, const float* __restrict h_prev, float* __restrict h_next,
+                             float* __restrict out, float* __restrict w0, float* __restrict w1) {
+  for (int64_t j = 0; j < units; ++j) {
     const float a = (gx[j] + bias[j]) + g[j];
     const float h_new = RELU ? relu_f32(a) : tanh_f32(a);
     if constexpr (SAVE) {
       w0[j] = a;
-      w1[j] = h[j];
+      w1[j] = h_prev[j];
     }
-    h[j] = h_new;
+    h_next[j] = h_new;
     out[j] = h_new;
   }
 }
@@ -272,8 +270,8 @@ struct Layer {
   Kind kind;
   int64_t D, B, H, HO, P, G, W;
   Steps steps;
-  Tensor w_hh;  // float32, contiguous: (D, HO, G) = W_hhᵀ per direction for the forward, (D, G, HO) for backward
-  Tensor w_hr;  // float32, contiguous: (D, H, P) = W_hrᵀ for the forward, (D, P, H) for backward; or undefined
+  Tensor w_hh;  // float32, contiguous: (D, G, HO), as stored
+  Tensor w_hr;  // float32, contiguous: (D, P, H), as stored; or undefined
 };
 
 Layer layer_of(Kind kind, const Tensor& seq, const Tensor& state, const Tensor& w_hh, const OptTensor& w_hr,
@@ -312,66 +310,109 @@ inline int64_t time_of(int64_t s, int64_t T, int64_t d, bool backward) {
   return ascending ? s : T - 1 - s;
 }
 
+// Below this many multiply-adds in one direction's step product (~100 µs of one core), a direction runs on one
+// thread. Splitting a step across threads costs a parallel region per step: a few µs on an idle machine, but on a
+// busy one every step waits for the slowest thread to be scheduled, and there it measured 10-300× slower than one
+// thread (benchmarks/NOTES_cpu.md). Directions in parallel need no synchronisation and are always taken.
+constexpr int64_t kParallelStepMinWork = int64_t{1} << 22;
+
+// How many slices of units each direction's steps are split into (one thread each, one parallel region per step).
+// Directions are independent, so with D ≥ threads each runs its whole time loop on a thread of its own without
+// any synchronisation; only the remaining threads split a direction's units, each then reading the same rows of
+// W_hh at every step, which stay in its core's cache. A projection needs every unit of m: one slice.
+int64_t unit_slices(const Layer& L, bool proj) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (proj || L.D >= threads || L.B * L.G * L.HO < kParallelStepMinWork) return 1;
+  return std::min(threads / L.D, std::max<int64_t>(1, L.H / 8));
+}
+
 // The forward time loop of a layer. gates_x, out: float32 with unit column stride (out: the contiguous output, or
-// its float32 stand-in for low-precision inputs).
+// its float32 stand-in for low-precision inputs). Per direction the state h lives in two buffers, read by one
+// step's product while its units write the other (slices of one step run concurrently); c is per unit, in place.
 template <Kind K, bool SAVE, bool PROJ, bool RELU>
 void layer_forward(const Layer& L, const Tensor& gates_x, const Tensor& h0, const OptTensor& c0, const Tensor& bias,
                    Tensor& out, Tensor& h_n, Tensor& c_n, Tensor& ws) {
   const Steps& S = L.steps;
-  const int64_t H = L.H, HO = L.HO, G = L.G, W = L.W, D = L.D;
+  const int64_t H = L.H, HO = L.HO, G = L.G, W = L.W, D = L.D, B = L.B;
   const auto f32 = gates_x.options().dtype(at::kFloat);
   const Seq<const float> gx = seq_of(gates_x, S.packed);
-  Tensor h = at::empty({L.B, HO}, f32);
-  Tensor c = K == Kind::lstm ? at::empty({L.B, H}, f32) : Tensor();
-  Tensor gates = at::empty({L.B, G}, f32);
-  Tensor m = PROJ ? at::empty({L.B, H}, f32) : Tensor();
+  Tensor h = at::empty({D, 2, B, HO}, f32);
+  h.select(1, 0).copy_(h0);
+  Tensor c = K == Kind::lstm ? at::empty({D, B, H}, f32) : Tensor();
+  if (c.defined()) c.copy_(*c0);
+  Tensor gates = at::empty({D, B, G}, f32);
+  Tensor m = PROJ ? at::empty({D, B, H}, f32) : Tensor();
+  const small_gemm::Isa isa = small_gemm::best_isa();
+  const int64_t ng = num_gates(K), s_out = D * HO;
   float* out_p = out.data_ptr<float>();
-  const int64_t s_out = D * HO;
-  float* h_p = h.data_ptr<float>();
-  float* c_p = c.defined() ? c.data_ptr<float>() : nullptr;
-  float* g_p = gates.data_ptr<float>();
-  float* m_p = PROJ ? m.data_ptr<float>() : nullptr;
-  for (int64_t d = 0; d < D; ++d) {
-    h.copy_(h0.select(0, d));
-    if (c.defined()) c.copy_(c0->select(0, d));
-    const float* wt_p = L.w_hh.data_ptr<float>() + d * HO * G;          // W_hhᵀ (HO, G)
-    const float* wrt_p = PROJ ? L.w_hr.data_ptr<float>() + d * H * HO : nullptr;  // W_hrᵀ (H, P)
-    const float* b_p = bias.data_ptr<float>() + d * G;
+
+  // Step s of direction d for units [j0, j1).
+  auto advance = [&](int64_t d, int64_t s, int64_t j0, int64_t j1) {
+    const int64_t t = time_of(s, S.T, d, false), n = S.n(t), row0 = S.row0(t);
+    const float* h_prev = h.data_ptr<float>() + (d * 2 + s % 2) * B * HO;
+    float* h_next = h.data_ptr<float>() + (d * 2 + (s + 1) % 2) * B * HO;
+    const int64_t k0 = PROJ ? 0 : j0, k1 = PROJ ? HO : j1;  // the state columns this slice owns
+    for (int64_t b = n; b < B; ++b) {  // rows that do not advance (packed) keep their state
+      std::memcpy(h_next + b * HO + k0, h_prev + b * HO + k0, (k1 - k0) * sizeof(float));
+    }
+    if (n == 0) return;
+    float* g_d = gates.data_ptr<float>() + d * B * G;
+    const NtOperand product{h_prev, HO, L.w_hh.data_ptr<float>() + d * G * HO, HO, HO};  // h·W_hh[d]ᵀ
+    for (int64_t k = 0; k < ng; ++k) small_gemm::gemm_nt(isa, n, k * H + j0, k * H + j1, &product, 1, g_d, G, false);
+    const float* b_d = bias.data_ptr<float>() + d * G + j0;
+    float* c_d = c.defined() ? c.data_ptr<float>() + d * B * H : nullptr;
+    float* m_d = PROJ ? m.data_ptr<float>() + d * B * H : nullptr;
     float* ws_d = SAVE ? ws.data_ptr<float>() + d * S.rows * W : nullptr;
-    for (int64_t s = 0; s < S.T; ++s) {
-      const int64_t t = time_of(s, S.T, d, false), n = S.n(t), row0 = S.row0(t);
-      if (n == 0) continue;
-      step_gemm(n, G, HO, h_p, HO, wt_p, G, g_p, G, false);  // h·W_hhᵀ
-      for_rows(n, 8 * H, [&](int64_t b) {
-        const float* gx_row = gx.row(t, row0, b) + d * G;
-        float* out_row = out_p + (row0 + b) * s_out + d * HO;
-        const Cols w(SAVE ? ws_d + (row0 + b) * W : nullptr, H, 7);
-        if constexpr (K == Kind::lstm) {
-          lstm_fwd_row<SAVE, PROJ>(H, gx_row, b_p, g_p + b * G, h_p + b * HO, c_p + b * H,
-                                   PROJ ? m_p + b * H : nullptr, out_row, w.c[0], w.c[1], w.c[2], w.c[3], w.c[4],
-                                   w.c[5], w.c[6]);
-        } else if constexpr (K == Kind::gru) {
-          gru_fwd_row<SAVE>(H, gx_row, b_p, g_p + b * G, h_p + b * HO, out_row, w.c[0], w.c[1], w.c[2], w.c[3],
-                            w.c[4]);
-        } else {
-          rnn_fwd_row<SAVE, RELU>(H, gx_row, b_p, g_p + b * G, h_p + b * HO, out_row, w.c[0], w.c[1]);
-        }
-      });
-      if (PROJ) {  // h' = m·W_hrᵀ needs every unit of m
-        if (SAVE) {
-          for (int64_t b = 0; b < n; ++b) {
-            std::memcpy(ws_d + (row0 + b) * W + (W - HO), h_p + b * HO, HO * sizeof(float));
-          }
-        }
-        step_gemm(n, HO, H, m_p, H, wrt_p, HO, h_p, HO, false);  // h' = m·W_hrᵀ
-        for (int64_t b = 0; b < n; ++b) {
-          std::memcpy(out_p + (row0 + b) * s_out + d * HO, h_p + b * HO, HO * sizeof(float));
-        }
+    for (int64_t b = 0; b < n; ++b) {
+      const float* gx_row = gx.row(t, row0, b) + d * G + j0;
+      const float* g_row = g_d + b * G + j0;
+      const float* hp_row = h_prev + b * HO + j0;
+      float* out_row = out_p + (row0 + b) * s_out + d * HO + j0;
+      const Cols w(SAVE ? ws_d + (row0 + b) * W + j0 : nullptr, H, 7);
+      if constexpr (K == Kind::lstm) {
+        lstm_fwd_row<SAVE, PROJ>(j1 - j0, H, gx_row, b_d, g_row, hp_row, c_d + b * H + j0,
+                                 PROJ ? m_d + b * H + j0 : h_next + b * HO + j0, out_row, w.c[0], w.c[1], w.c[2],
+                                 w.c[3], w.c[4], w.c[5], w.c[6]);
+      } else if constexpr (K == Kind::gru) {
+        gru_fwd_row<SAVE>(j1 - j0, H, gx_row, b_d, g_row, hp_row, h_next + b * HO + j0, out_row, w.c[0], w.c[1],
+                          w.c[2], w.c[3], w.c[4]);
+      } else {
+        rnn_fwd_row<SAVE, RELU>(j1 - j0, gx_row, b_d, g_row, hp_row, h_next + b * HO + j0, out_row, w.c[0], w.c[1]);
       }
     }
-    h_n.select(0, d).copy_(h);
-    if (c.defined()) c_n.select(0, d).copy_(c);
+    if constexpr (PROJ) {  // h' = m·W_hr[d]ᵀ needs every unit of m (one slice)
+      if constexpr (SAVE) {
+        for (int64_t b = 0; b < n; ++b) {
+          std::memcpy(ws_d + (row0 + b) * W + (W - HO), h_prev + b * HO, HO * sizeof(float));
+        }
+      }
+      const NtOperand projection{m_d, H, L.w_hr.data_ptr<float>() + d * HO * H, H, H};
+      small_gemm::gemm_nt(isa, n, 0, HO, &projection, 1, h_next, HO, false);
+      for (int64_t b = 0; b < n; ++b) {
+        std::memcpy(out_p + (row0 + b) * s_out + d * HO, h_next + b * HO, HO * sizeof(float));
+      }
+    }
+  };
+
+  const int64_t slices = unit_slices(L, PROJ);
+  if (slices == 1) {
+    at::parallel_for(0, D, 1, [&](int64_t d_begin, int64_t d_end) {
+      for (int64_t d = d_begin; d < d_end; ++d) {
+        for (int64_t s = 0; s < S.T; ++s) advance(d, s, 0, H);
+      }
+    });
+  } else {
+    for (int64_t s = 0; s < S.T; ++s) {
+      at::parallel_for(0, D * slices, 1, [&](int64_t i_begin, int64_t i_end) {
+        for (int64_t i = i_begin; i < i_end; ++i) {
+          const int64_t d = i / slices, k = i % slices;
+          advance(d, s, H * k / slices, H * (k + 1) / slices);
+        }
+      });
+    }
   }
+  h_n.copy_(h.select(1, S.T % 2));
+  if (c.defined()) c_n.copy_(c);
 }
 
 // The backward time loop of a layer. grad_out: float32 with unit column stride; dgx, dgh: float32 contiguous
@@ -459,8 +500,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_fwd(Kind kind, const Tensor& ga
   }
   // Low-precision inputs: the whole sequence converted to float32 once, the output rounded once at the end.
   const bool f32_io = gates_x.scalar_type() == at::kFloat;
-  L.w_hh = as_f32(w_hh).transpose(1, 2).contiguous();  // the products take B row-major: W_hhᵀ, W_hrᵀ
-  if (L.P) L.w_hr = as_f32(*w_hr).transpose(1, 2).contiguous();
+  L.w_hh = f32_contiguous(w_hh);  // the products read the weights as stored, rows of W_hh[d] and W_hr[d]
+  if (L.P) L.w_hr = f32_contiguous(*w_hr);
   const Tensor gx = unit_column_stride(as_f32(gates_x));
   Tensor out32 = f32_io ? out : at::empty(shape, f32);
   const Tensor bias = given(b_hh) ? f32_contiguous(*b_hh) : at::zeros({L.D, L.G}, f32);

@@ -18,82 +18,100 @@ from fastseq.nn._base import FastModule, dtype_name
 from fastseq.ops import cells as _ops
 
 
+_WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+_NOT_REGISTERED = object()
+
+
 class _FastCell(FastModule):
     """What the three cells share: validation and the choice of backend."""
 
     # -- validation -----------------------------------------------------------------------------------
 
-    def _check_input(self, input: Tensor) -> None:
+    # Every call of a cell runs through here, and at small sizes (a decoder stepping one token at B = 1) this Python
+    # costs as much as the kernel: each attribute and method of a tensor is fetched once.
+
+    def _check_input(self, input: Tensor) -> int:
+        """Validate ``input``; return its number of dimensions."""
         if not isinstance(input, Tensor):
             raise TypeError(f"{self._name}: input must be a Tensor, got {type(input).__name__}")
-        if input.dim() not in (1, 2):
-            raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        if input.size(-1) != self.input_size:
+        dim = input.dim()
+        if dim not in (1, 2):
+            raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got {dim}D instead")
+        if input.shape[-1] != self.input_size:
             raise RuntimeError(f"{self._name}: input.size(-1) must be equal to input_size. "
                                f"Expected {self.input_size}, got {input.size(-1)}")
+        return dim
 
-    def _check_state(self, state: Tensor, label: str, input: Tensor) -> None:
+    def _check_state(self, state: Tensor, label: str, input: Tensor, input_dim: int) -> None:
         if not isinstance(state, Tensor):
             raise TypeError(f"{self._name}: {label} must be a Tensor, got {type(state).__name__}")
-        if state.dim() not in (1, 2):
-            raise ValueError(f"{self._name}: Expected {label} to be 1D or 2D, got {state.dim()}D instead")
-        if state.dim() != input.dim():
+        dim, shape = state.dim(), state.shape
+        if dim not in (1, 2):
+            raise ValueError(f"{self._name}: Expected {label} to be 1D or 2D, got {dim}D instead")
+        if dim != input_dim:
             raise RuntimeError(f"{self._name}: {label} must be batched or unbatched as input is. "
-                               f"Expected {input.dim()}D, got {state.dim()}D")
-        if state.dim() == 2 and state.size(0) != input.size(0):
+                               f"Expected {input_dim}D, got {dim}D")
+        if dim == 2 and shape[0] != input.shape[0]:
             raise RuntimeError(f"{self._name}: Input batch size {input.size(0)} doesn't match {label} batch "
-                               f"size {state.size(0)}")
-        if state.size(-1) != self.hidden_size:
+                               f"size {shape[0]}")
+        if shape[-1] != self.hidden_size:
             raise RuntimeError(f"{self._name}: {label}.size(-1) must be equal to hidden_size. "
-                               f"Expected {self.hidden_size}, got {state.size(-1)}")
+                               f"Expected {self.hidden_size}, got {shape[-1]}")
 
-    def _check_dtype_device(self, tensors: dict[str, Optional[Tensor]], check_dtype: bool) -> None:
-        w = self.weight_ih
-        for label, t in tensors.items():
+    def _check_dtype_device(self, tensors: tuple[Optional[Tensor], ...], labels: tuple[str, ...], w: Tensor,
+                            check_dtype: bool) -> None:
+        w_dtype, w_device = w.dtype, w.device
+        for label, t in zip(labels, tensors):
             if t is None:
                 continue
-            if check_dtype and t.dtype != w.dtype:
+            if check_dtype and t.dtype != w_dtype:
                 raise RuntimeError(f"{self._name}: {label} dtype must match the parameters' dtype. "
-                                   f"Expected {dtype_name(w.dtype)}, got {dtype_name(t.dtype)}")
-            if t.device != w.device:
+                                   f"Expected {dtype_name(w_dtype)}, got {dtype_name(t.dtype)}")
+            if t.device != w_device:
                 raise RuntimeError(f"{self._name}: Expected all tensors to be on the same device: {label} is on "
-                                   f"{t.device}, the parameters are on {w.device}")
+                                   f"{t.device}, the parameters are on {w_device}")
+
+    def _weights(self) -> tuple[Optional[Tensor], ...]:
+        """``(weight_ih, weight_hh, bias_ih, bias_hh)``. Read from ``_parameters`` where they are registered
+        there (``Module.__getattr__`` costs about a µs each); where one is not (a parametrization moved it, or it
+        was replaced by a plain attribute) through ``getattr``, as torch's own forward reads it."""
+        registered = self._parameters
+        weights = tuple(registered.get(name, _NOT_REGISTERED) for name in _WEIGHT_NAMES)
+        for w in weights:  # by identity: `in` would compare tensors with ==
+            if w is _NOT_REGISTERED:
+                return tuple(getattr(self, name) for name in _WEIGHT_NAMES)
+        return weights
 
     # -- dispatch ---------------------------------------------------------------------------------------
 
-    def _select(self, input: Tensor, states: dict[str, Optional[Tensor]]) -> tuple[str, torch.dtype]:
-        """Validate the call before anything runs; return the backend and the dtype it computes in."""
-        self._check_input(input)
-        for label, state in states.items():
-            if state is not None:
-                self._check_state(state, label, input)
-        cast = self._autocast_dtype(input.device)
-        self._check_dtype_device({"input": input, **states}, check_dtype=cast is None)
-        dtype = input.dtype if cast is None else cast
-        training = torch.is_grad_enabled() and (
-            input.requires_grad or any(s is not None and s.requires_grad for s in states.values())
-            or any(p is not None and p.requires_grad for p in (self.weight_ih, self.weight_hh, self.bias_ih,
-                                                                self.bias_hh)))
-        batch = input.size(0) if input.dim() == 2 else 1
-        return _dispatch.select(self._op, input.device, dtype, self._backend(), hidden=self.hidden_size,
-                                batch=batch, training=training), dtype
-
-    def _kernel_args(self, input: Tensor, states: tuple[Optional[Tensor], ...], dtype: torch.dtype):
-        """Batched ``(input, *states)`` and ``(W_ih, W_hh, b_ih, b_hh)`` in ``dtype``, plus whether the
+    def _prepare(self, input: Tensor, states: tuple[Optional[Tensor], ...], labels: tuple[str, ...]):
+        """Validate the call before anything runs. Returns the backend, and for a kernel backend the batched
+        ``(input, *states)`` and ``(W_ih, W_hh, b_ih, b_hh)`` in the dtype the call computes in, and whether the
         kernel should save its workspace for backward (only when a gradient may be asked for)."""
-        is_batched = input.dim() == 2
-
-        def prep(t: Optional[Tensor]) -> Optional[Tensor]:
-            if t is None:
-                return None
-            return (t if is_batched else t.unsqueeze(0)).to(dtype)
-
-        tensors = tuple(prep(t) for t in (input, *states))
-        params = tuple(p if p is None or p.dtype == dtype else p.to(dtype)
-                       for p in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh))
-        save = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (*tensors, *params))
-        return tensors, params, save
+        input_dim = self._check_input(input)
+        for label, state in zip(labels, states):
+            if state is not None:
+                self._check_state(state, label, input, input_dim)
+        device = input.device
+        cast = self._autocast_dtype(device)
+        params = self._weights()
+        tensors = (input, *states)
+        self._check_dtype_device(tensors, ("input", *labels), params[0], check_dtype=cast is None)
+        dtype = input.dtype if cast is None else cast
+        training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, *params))
+        backend = _dispatch.select(self._op, device, dtype, self._backend(), hidden=self.hidden_size,
+                                   batch=input.size(0) if input_dim == 2 else 1, training=training)
+        if backend == "torch":
+            return backend, tensors, params, False
+        if input_dim == 1:
+            tensors = tuple(None if t is None else t.unsqueeze(0) for t in tensors)
+        if cast is not None:  # else the inputs are in the parameters' dtype (checked above)
+            tensors = tuple(None if t is None else t.to(dtype) for t in tensors)
+        for p in params:
+            if p is not None and p.dtype != dtype:  # autocast, or parameters of mixed dtypes
+                params = tuple(q if q is None or q.dtype == dtype else q.to(dtype) for q in params)
+                break
+        return backend, tensors, params, training  # training: the kernel saves what backward needs
 
 
 def _unbatched(t: Tensor, input: Tensor) -> Tensor:
@@ -114,11 +132,10 @@ class LSTMCell(_FastCell, nn.LSTMCell):
         if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
             raise TypeError(f"LSTMCell: hx must be a tuple of two Tensors (h_0, c_0), got {type(hx).__name__}")
         h0, c0 = (None, None) if hx is None else hx
-        backend, dtype = self._select(input, {"hx[0]": h0, "hx[1]": c0})
+        backend, (x, h0, c0), params, save = self._prepare(input, (h0, c0), ("hx[0]", "hx[1]"))
         if backend == "torch":
             return super().forward(input, hx)
-        (x, h0, c0), params, save = self._kernel_args(input, (h0, c0), dtype)
-        h, c, _ = _ops.lstm_cell(x, h0, c0, *params, backend, save)
+        h, c, _ = _ops.run_lstm_cell(x, h0, c0, *params, backend, save)
         return _unbatched(h, input), _unbatched(c, input)
 
 
@@ -133,11 +150,10 @@ class GRUCell(_FastCell, nn.GRUCell):
         self._init_backend(backend)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
-        backend, dtype = self._select(input, {"hx": hx})
+        backend, (x, h0), params, save = self._prepare(input, (hx,), ("hx",))
         if backend == "torch":
             return super().forward(input, hx)
-        (x, h0), params, save = self._kernel_args(input, (hx,), dtype)
-        h, _ = _ops.gru_cell(x, h0, *params, backend, save)
+        h, _ = _ops.run_gru_cell(x, h0, *params, backend, save)
         return _unbatched(h, input)
 
 
@@ -152,11 +168,10 @@ class RNNCell(_FastCell, nn.RNNCell):
         self._init_backend(backend)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
-        backend, dtype = self._select(input, {"hx": hx})
+        backend, (x, h0), params, save = self._prepare(input, (hx,), ("hx",))
         if self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}. Expected 'tanh' or 'relu'")
         if backend == "torch":
             return super().forward(input, hx)
-        (x, h0), params, save = self._kernel_args(input, (hx,), dtype)
-        h, _ = _ops.rnn_cell(x, h0, *params, self.nonlinearity, backend, save)
+        h, _ = _ops.run_rnn_cell(x, h0, *params, self.nonlinearity, backend, save)
         return _unbatched(h, input)

@@ -6,6 +6,11 @@ that backward needs; in inference it writes nothing but the new state, and retur
 backward is asked for anyway (the flag was off), the workspace is recomputed first, so the answer is right.
 Weight and bias gradients are large products of the gate gradients with the layer inputs, done here with
 torch matmuls so that torch.compile sees them.
+
+The modules call :func:`run_lstm_cell`, :func:`run_gru_cell` and :func:`run_rnn_cell`: in eager inference (no
+gradient to record, not under torch.compile, no subclass or mode watching) they call the backend's kernel directly,
+skipping the custom operator's eager wrapper, which costs more than a small cell's whole kernel; everywhere else
+they call the operator. Either way the same kernel runs on the same arguments.
 """
 
 from __future__ import annotations
@@ -29,6 +34,73 @@ def _kernels(backend: str):
 
         return cpp_kernels
     raise RuntimeError(f"fastseq has no {backend!r} kernels for the recurrent cells")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the modules call: the operator, or in eager inference its kernel directly
+# ---------------------------------------------------------------------------------------------------------
+
+# Tensor types that carry no __torch_function__ / __torch_dispatch__ of their own.
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+# _kernels(backend), looked up once per backend (its import statement costs a µs or two per call).
+_LAUNCHERS: dict = {}
+
+
+def _launchers(backend: str):
+    launchers = _LAUNCHERS.get(backend)
+    if launchers is None:
+        launchers = _LAUNCHERS[backend] = _kernels(backend)
+    return launchers
+
+
+def may_skip_operator(*tensors: Optional[Tensor]) -> bool:
+    """Whether a forward may call its kernel directly instead of going through its custom operator, whose eager
+    wrapper (autograd setup, schema checks) costs tens of µs per call, more than a small cell's kernel. Only where
+    nothing could notice the difference: not traced by torch.compile (which must see ``torch.ops.fastseq.*``), no
+    gradient to record (nothing requires grad, or grad mode is off), plain tensors and no torch function or
+    dispatch mode (subclasses and modes must see fastseq's own operators). The kernel is the one the operator would
+    run, with the same arguments, so the results are the same bits."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or (grad and t.requires_grad)):
+            return False
+    return True
+
+
+def run_lstm_cell(input: Tensor, hx: Optional[Tensor], cx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
+                  b_ih: Optional[Tensor], b_hh: Optional[Tensor], backend: str,
+                  save_workspace: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`lstm_cell`, through its operator or, where :func:`may_skip_operator`, its kernel directly."""
+    if may_skip_operator(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+        return _launchers(backend).launch_cell_fwd("lstm", input, hx, cx, w_ih, w_hh, b_ih, b_hh, save_workspace)
+    return lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend, save_workspace)
+
+
+def run_gru_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                 b_hh: Optional[Tensor], backend: str, save_workspace: bool) -> tuple[Tensor, Tensor]:
+    """:func:`gru_cell`, through its operator or, where :func:`may_skip_operator`, its kernel directly."""
+    if may_skip_operator(input, hx, w_ih, w_hh, b_ih, b_hh):
+        h, _, ws = _launchers(backend).launch_cell_fwd("gru", input, hx, None, w_ih, w_hh, b_ih, b_hh,
+                                                      save_workspace)
+        return h, ws
+    return gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh, backend, save_workspace)
+
+
+def run_rnn_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                 b_hh: Optional[Tensor], nonlinearity: str, backend: str,
+                 save_workspace: bool) -> tuple[Tensor, Tensor]:
+    """:func:`rnn_cell`, through its operator or, where :func:`may_skip_operator`, its kernel directly."""
+    if may_skip_operator(input, hx, w_ih, w_hh, b_ih, b_hh):
+        _check_nonlinearity(nonlinearity)
+        h, _, ws = _launchers(backend).launch_cell_fwd(
+            "rnn", input, hx, None, w_ih, w_hh, b_ih, b_hh, save_workspace, nonlinearity)
+        return h, ws
+    return rnn_cell(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity, backend, save_workspace)
 
 
 def _empty_like_fwd(kind: str, input: Tensor, w_hh: Tensor, save_workspace: bool):
