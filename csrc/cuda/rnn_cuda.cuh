@@ -1,0 +1,372 @@
+// Shared pieces of the CUDA kernels of the recurrent cells (rnn_cells.cu) and layers (rnn_layers.cu,
+// rnn_persistent.cu): dtypes, argument checks, tile loads, the gate math per element, and the block product.
+//
+// The block product. Every kernel here multiplies a few rows of activations by a slice of a weight matrix:
+// out[r][c] = Σ_k A[r][k]·Wt[c][k] for r < 16 rows (a "row pass"), c < C columns of the block's slice, k < K. Both
+// operands sit in shared memory with k contiguous (A in chunks of KC columns, streamed; Wt either streamed in the
+// same chunks or resident for a whole sequence). Accumulation is float32 in registers across the chunks; at the
+// end each warp writes its partial sums to shared memory and the pointwise phase adds them up.
+//
+// - float16 / bfloat16: tensor cores through WMMA (16×16×16 fragments: mma.sync HMMA on sm_80 and sm_90). The
+//   C columns are ⌈C/16⌉ column tiles; with fewer tiles than the 8 warps, the warps also split the k steps of a
+//   chunk (KS = 8 / tiles slices), which is what keeps a skinny product (one row tile, two column tiles) from
+//   leaving six warps idle.
+// - float32: CUDA-core FMAs in IEEE float32 (no TF32: torch's float32 products are not TF32 by default, and the
+//   error must stay within twice torch's). Lane l of a warp owns column 16·group + l % 16 and all 16 rows; a
+//   float4 of its Wt row is reused for every row, while the float4 of A's row is a broadcast to a half-warp. The
+//   warps split ⌈C/16⌉ column groups and 8 / groups slices of k, each halved between the two half-warps. Rows past
+//   the pass's last one are skipped by a warp-uniform branch, so a batch of one costs one row, not sixteen.
+//
+// Every kernel runs 256 threads (8 warps). Shared-memory strides are padded so that the WMMA loads stay 32-byte
+// aligned (half: multiples of 8 elements) and the float4 loads of 8 consecutive Wt rows hit distinct banks
+// (float32: stride ≡ 4 mod 32 words). A product has at most kMaxCols = 128 columns (8 column tiles of 16).
+
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "../rnn_pointwise.h"
+
+namespace fastseq {
+namespace cuda {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kRows = 16;      // rows of one row pass
+constexpr int kMaxFrags = 1;   // accumulator fragments per warp (half): kMaxCols / 16 tiles over 8 warps
+constexpr int kMaxCols = 128;  // columns of one block product (float32: a half-warp per 16 columns, 8 warps)
+
+enum class Kind { lstm, gru, rnn };
+
+inline bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// ---------------------------------------------------------------------------------------------------------
+// dtypes: torch's at::Half / at::BFloat16 are bit-compatible with CUDA's __half / __nv_bfloat16
+// ---------------------------------------------------------------------------------------------------------
+
+template <typename T>
+struct Native {
+  using type = T;
+};
+template <>
+struct Native<at::Half> {
+  using type = __half;
+};
+template <>
+struct Native<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename T>
+T* ptr(const Tensor& t) {
+  using Torch = std::conditional_t<std::is_same_v<T, __half>, at::Half,
+                                   std::conditional_t<std::is_same_v<T, __nv_bfloat16>, at::BFloat16, T>>;
+  return reinterpret_cast<T*>(t.data_ptr<Torch>());
+}
+
+template <typename T>
+T* ptr_or_null(const OptTensor& t) {
+  return given(t) ? ptr<T>(*t) : nullptr;
+}
+
+// Calls f(T{}) with T the CUDA type of `dtype` (float, __half, __nv_bfloat16).
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, const char* what, const F& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(__half{}); break;
+    case at::kBFloat16: f(__nv_bfloat16{}); break;
+    default: TORCH_CHECK(false, what, ": the CUDA kernels take float32, float16 or bfloat16, got ", dtype);
+  }
+}
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// float32 → T, rounding to nearest (ties to even); NaN and ±inf keep their class.
+template <typename T>
+__device__ __forceinline__ T from_f32(float x);
+template <>
+__device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// A load that bypasses L1 (ld.global.cg): for buffers other blocks of the same launch write between grid-wide
+// barriers, never served from a stale L1 line nor from the non-coherent read-only path.
+template <typename T>
+__device__ __forceinline__ T load_shared_global(const T* p) {
+  return __ldcg(p);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Argument checks (clear messages naming the argument; never a raw launch error)
+// ---------------------------------------------------------------------------------------------------------
+
+inline void check_cuda_tensor(const Tensor& t, const char* name, const Tensor& like) {
+  TORCH_CHECK(t.device().is_cuda(), name, ": the CUDA kernels take CUDA tensors, got a tensor on ", t.device());
+  TORCH_CHECK(t.device() == like.device(), name, ": expected a tensor on ", like.device(), ", got one on ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type() || t.scalar_type() == at::kFloat, name, ": expected dtype ",
+              like.scalar_type(), ", got ", t.scalar_type());
+}
+
+inline void check_same_dtype(const Tensor& t, const char* name, const Tensor& like, const char* like_name) {
+  check_cuda_tensor(t, name, like);
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have the dtype of ", like_name, ": expected ",
+              like.scalar_type(), ", got ", t.scalar_type());
+}
+
+inline bool is_relu(const std::string& nonlinearity) {
+  TORCH_CHECK(nonlinearity == "tanh" || nonlinearity == "relu", "Unknown nonlinearity: ", nonlinearity,
+              ". Expected 'tanh' or 'relu'");
+  return nonlinearity == "relu";
+}
+
+inline int num_gates(Kind k) { return k == Kind::lstm ? 4 : k == Kind::gru ? 3 : 1; }
+
+// A kernel launch's own error (bad configuration), reported with the kernel's name.
+inline void check_launch(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, "fastseq CUDA kernel ", kernel, " failed to launch: ", cudaGetErrorString(err));
+}
+
+inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+__host__ __device__ constexpr int round_up(int a, int b) { return (a + b - 1) / b * b; }
+
+// ---------------------------------------------------------------------------------------------------------
+// Gate math per element (float32; csrc/rnn_pointwise.h), the formulas of the CPU and Triton kernels
+// ---------------------------------------------------------------------------------------------------------
+
+// LSTM: c' = σ(a_f)·c + σ(a_i)·tanh(a_g), m = σ(a_o)·tanh(c').
+__device__ __forceinline__ void lstm_update(float a_i, float a_f, float a_g, float a_o, float c, float& c_new,
+                                            float& m) {
+  c_new = sigmoid_f32(a_f) * c + sigmoid_f32(a_i) * tanh_f32(a_g);
+  m = sigmoid_f32(a_o) * tanh_f32(c_new);
+}
+
+// GRU: a_n = gx_n + σ(a_r)·hn, h' = n + σ(a_z)·(h − n) (torch's rounding structure).
+__device__ __forceinline__ float gru_update(float a_r, float a_z, float gx_n, float hn, float h, float& a_n) {
+  a_n = gx_n + sigmoid_f32(a_r) * hn;
+  const float n = tanh_f32(a_n);
+  return n + sigmoid_f32(a_z) * (h - n);
+}
+
+__device__ __forceinline__ float rnn_activation(float a, bool relu) { return relu ? relu_f32(a) : tanh_f32(a); }
+
+// LSTM gate gradients from the pre-activations and c', c: dm = dL/dm, dc = the carried dL/dc'. Returns dL/dc.
+__device__ __forceinline__ float lstm_gate_grads(float a_i, float a_f, float a_g, float a_o, float c_new,
+                                                 float c_prev, float dm, float dc, float da[4]) {
+  float i, di, f, df, o, d_o;
+  sigmoid_and_grad(a_i, i, di);
+  sigmoid_and_grad(a_f, f, df);
+  sigmoid_and_grad(a_o, o, d_o);
+  const float dct = dc + dm * o * tanh_grad_f32(c_new);  // total dL/dc'
+  da[0] = dct * tanh_f32(a_g) * di;
+  da[1] = dct * c_prev * df;
+  da[2] = dct * i * tanh_grad_f32(a_g);
+  da[3] = dm * tanh_f32(c_new) * d_o;
+  return dct * f;
+}
+
+// GRU gate gradients: da[0..2] the input side (r, z, n), da_hn the hidden side's n (da_n·r); returns z (the direct
+// path h' = … + z·h).
+__device__ __forceinline__ float gru_gate_grads(float a_r, float a_z, float a_n, float hn, float h_prev, float dh,
+                                                float da[3], float& da_hn) {
+  float r, dr, z, dz;
+  sigmoid_and_grad(a_r, r, dr);
+  sigmoid_and_grad(a_z, z, dz);
+  const float dan = dh * sigmoid_f32(-a_z) * tanh_grad_f32(a_n);  // 1 − z = σ(−a_z), no cancellation
+  da[0] = dan * hn * dr;
+  da[1] = dh * (h_prev - tanh_f32(a_n)) * dz;
+  da[2] = dan;
+  da_hn = dan * r;
+  return z;
+}
+
+// relu: torch's threshold_backward, no gradient at 0 or NaN.
+__device__ __forceinline__ float rnn_gate_grad(float a, float dh, bool relu) {
+  return relu ? (a > 0.0f ? dh : 0.0f) : dh * tanh_grad_f32(a);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Tiles in shared memory
+// ---------------------------------------------------------------------------------------------------------
+
+// Padded leading dimension (elements) of a shared-memory operand holding `k` columns of T.
+template <typename T>
+__host__ __device__ constexpr int smem_ld(int k) {
+  return sizeof(T) == 4 ? k + 4 : k + 8;
+}
+
+// Columns a product covers: whole column tiles of 16 (half: a WMMA tile; float: a half-warp of lanes).
+__host__ __device__ constexpr int padded_cols(int c) { return (c + 15) / 16 * 16; }
+
+// The k-slices a chunk is split into (see the header comment): a function of the column count alone. float32
+// splits each warp's slice between its two half-warps.
+template <typename T>
+__host__ __device__ constexpr int k_slices(int cols_padded) {
+  const int tiles = cols_padded / 16;
+  const int warp_slices = tiles >= kWarps ? 1 : kWarps / tiles;
+  return sizeof(T) == 4 ? 2 * warp_slices : warp_slices;
+}
+
+// Floats of the partial-sum buffer of a product over `cols_padded` columns.
+template <typename T>
+__host__ __device__ constexpr int partial_floats(int cols_padded) {
+  return k_slices<T>(cols_padded) * kRows * cols_padded;
+}
+
+// dst[r][k] (leading dimension ld) = src(row0 + r, k0 + k) for r < kRows, k < kc, zero where r ≥ n_rows or
+// k0 + k ≥ K. `src(row, col)` reads the source element as float; the block's threads share the work.
+template <typename T, typename Src>
+__device__ __forceinline__ void fill_rows(T* dst, int ld, int n_rows, int k0, int kc, int K, const Src& src) {
+  for (int idx = threadIdx.x; idx < kRows * kc; idx += kThreads) {
+    const int r = idx / kc, k = idx % kc;
+    const bool inside = r < n_rows && k0 + k < K;
+    dst[r * ld + k] = inside ? src(r, k0 + k) : from_f32<T>(0.0f);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The block product: accumulators in registers
+// ---------------------------------------------------------------------------------------------------------
+
+template <typename T>
+struct BlockProduct;
+
+// float16 / bfloat16: WMMA fragments.
+template <typename T>
+struct BlockProduct {
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[kMaxFrags];
+  int n_jobs, tile0, tile_step, ks, KS;
+
+  __device__ void init(int cols_padded) {
+    const int warp = threadIdx.x / 32, tiles = cols_padded / 16;
+    KS = k_slices<T>(cols_padded);
+    if (tiles >= kWarps) {
+      ks = 0;
+      tile0 = warp;
+      tile_step = kWarps;
+      n_jobs = (tiles - warp + kWarps - 1) / kWarps;
+    } else {
+      ks = warp / tiles;
+      tile0 = warp % tiles;
+      tile_step = tiles;
+      n_jobs = ks < KS ? 1 : 0;
+    }
+#pragma unroll
+    for (int i = 0; i < kMaxFrags; ++i) nvcuda::wmma::fill_fragment(acc[i], 0.0f);
+  }
+
+  // One chunk: A_s [kRows][lda] (kc columns, a multiple of 16), Wt_s [cols][ldw] starting at this chunk's column.
+  __device__ void chunk(const T* A_s, int lda, const T* Wt_s, int ldw, int kc, int /*n_rows*/) {
+    using namespace nvcuda;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+    for (int kk = ks * 16; kk < kc; kk += KS * 16) {
+      wmma::load_matrix_sync(a, A_s + kk, lda);
+#pragma unroll
+      for (int i = 0; i < kMaxFrags; ++i) {
+        if (i < n_jobs) {
+          wmma::load_matrix_sync(b, Wt_s + (tile0 + i * tile_step) * 16 * ldw + kk, ldw);
+          wmma::mma_sync(acc[i], a, b, acc[i]);
+        }
+      }
+    }
+  }
+
+  // partial_s: [KS][kRows][cols_padded]
+  __device__ void store(float* partial_s, int cols_padded) const {
+#pragma unroll
+    for (int i = 0; i < kMaxFrags; ++i) {
+      if (i < n_jobs) {
+        nvcuda::wmma::store_matrix_sync(partial_s + ks * kRows * cols_padded + (tile0 + i * tile_step) * 16, acc[i],
+                                        cols_padded, nvcuda::wmma::mem_row_major);
+      }
+    }
+  }
+};
+
+// float32: FMAs. Lane l owns column 16·group + l % 16 and half (l / 16) of the warp's k steps; 16 row accumulators.
+template <>
+struct BlockProduct<float> {
+  float acc[kRows];
+  int col, kslot, KSLOTS;
+  bool active;
+
+  __device__ void init(int cols_padded) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, groups = cols_padded / 16;
+    const int warp_slices = groups >= kWarps ? 1 : kWarps / groups;  // groups ≤ kWarps (kMaxCols)
+    const int ksw = warp / groups;
+    KSLOTS = k_slices<float>(cols_padded);
+    kslot = ksw * 2 + lane / 16;
+    col = (warp % groups) * 16 + lane % 16;
+    active = ksw < warp_slices;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
+  }
+
+  // kc: a multiple of 4; rows ≥ n_rows are zero and skipped.
+  __device__ void chunk(const float* A_s, int lda, const float* Wt_s, int ldw, int kc, int n_rows) {
+    if (!active) return;
+    for (int k = kslot * 4; k < kc; k += KSLOTS * 4) {
+      const float4 w = *reinterpret_cast<const float4*>(Wt_s + col * ldw + k);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (r < n_rows) {  // warp-uniform
+          const float4 a = *reinterpret_cast<const float4*>(A_s + r * lda + k);
+          acc[r] = fmaf(a.x, w.x, acc[r]);
+          acc[r] = fmaf(a.y, w.y, acc[r]);
+          acc[r] = fmaf(a.z, w.z, acc[r]);
+          acc[r] = fmaf(a.w, w.w, acc[r]);
+        }
+      }
+    }
+  }
+
+  __device__ void store(float* partial_s, int cols_padded) const {
+    if (!active) return;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) partial_s[(kslot * kRows + r) * cols_padded + col] = acc[r];
+  }
+};
+
+// Σ over the k-slices of product column c, row r (after store and a __syncthreads).
+template <typename T>
+__device__ __forceinline__ float product_sum(const float* partial_s, int cols_padded, int r, int c) {
+  const int KS = k_slices<T>(cols_padded);
+  float s = 0.0f;
+  for (int ks = 0; ks < KS; ++ks) s += partial_s[(ks * kRows + r) * cols_padded + c];
+  return s;
+}
+
+// Byte offsets of a shared-memory carve-up, each piece aligned to 128 bytes.
+struct SmemLayout {
+  size_t bytes = 0;
+  __host__ __device__ size_t take(size_t n) {
+    const size_t at = bytes;
+    bytes = (bytes + n + 127) / 128 * 128;
+    return at;
+  }
+};
+
+}  // namespace cuda
+}  // namespace fastseq
