@@ -236,5 +236,9 @@ bool launch_persistent_bwd(Kind kind, const SeqBwdArgs<T>& args, const LayerPlan
 template <typename T>
 const void* persistent_kernel(Kind kind, bool backward);
 
+// Sets a persistent kernel's dynamic shared-memory limit to `smem` bytes and its carveout to the most shared memory,
+// before an occupancy query or a launch.
+void prepare_persistent_kernel(const void* kernel, size_t smem);
+
 }  // namespace cuda
 }  // namespace fastseq

@@ -136,14 +136,18 @@ DeviceLimits device_limits(Kind kind, at::ScalarType dtype, bool backward, int d
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  lim.cooperative = coop != 0;
-  lim.sms = sms;
-  lim.smem_optin = static_cast<size_t>(optin);
   const void* kernel = dtype == at::kFloat      ? persistent_kernel<float>(kind, backward)
                        : dtype == at::kHalf     ? persistent_kernel<__half>(kind, backward)
                                                 : persistent_kernel<__nv_bfloat16>(kind, backward);
-  // The occupancy query honours the kernel's dynamic shared-memory limit: raise it to what the device allows.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  lim.cooperative = coop != 0;
+  lim.sms = sms;
+  // What a block may take dynamically: the opt-in limit less the kernel's static shared memory (the grid barrier's).
+  lim.smem_optin = static_cast<size_t>(optin) - std::min(static_cast<size_t>(optin), attr.sharedSizeBytes);
+  // The occupancy query honours the kernel's dynamic shared-memory limit and carveout: raise both to what the device
+  // allows, as the launch does, so that the capacity computed here is the one the launch gets.
+  prepare_persistent_kernel(kernel, lim.smem_optin);
   lim.blocks_per_sm = [kernel](size_t smem) {
     int n = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem));

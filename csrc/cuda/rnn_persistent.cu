@@ -398,13 +398,10 @@ __global__ void __launch_bounds__(kThreads, 2) seq_bwd_persistent(const SeqBwdAr
 // size (not co-resident now, or no cooperative launch) returns false with the reason; any other error raises.
 template <typename Args>
 bool cooperative_launch(const void* kernel, const Args& args, const LayerPlan& plan, std::string& why) {
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(plan.smem));
-  if (err == cudaSuccess) {
-    void* params[] = {const_cast<Args*>(&args)};
-    err = cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kThreads), params, plan.smem,
-                                      c10::cuda::getCurrentCUDAStream());
-  }
+  prepare_persistent_kernel(kernel, plan.smem);
+  void* params[] = {const_cast<Args*>(&args)};
+  const cudaError_t err = cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kThreads), params, plan.smem,
+                                                      c10::cuda::getCurrentCUDAStream());
   if (err == cudaSuccess) return true;
   if (err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorNotSupported) {
     (void)cudaGetLastError();  // not sticky: clear it, the caller falls back
@@ -416,6 +413,12 @@ bool cooperative_launch(const void* kernel, const Args& args, const LayerPlan& p
 }
 
 }  // namespace
+
+void prepare_persistent_kernel(const void* kernel, size_t smem) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      cudaSharedmemCarveoutMaxShared));
+}
 
 template <typename T>
 const void* persistent_kernel(Kind kind, bool backward) {
