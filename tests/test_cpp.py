@@ -390,18 +390,18 @@ def _layer_module(case: LayerCase, t: LayerTensors, dtype) -> nn.Module:
     return m
 
 
-def layer_torch(case: LayerCase, t: LayerTensors, dtype) -> dict:
+def layer_torch(case: LayerCase, t: LayerTensors, dtype, device="cpu") -> dict:
     """torch's module in ``dtype`` (float64: the reference) on the same tensors: outputs and gradients."""
-    m = _layer_module(case, t, dtype)
-    x = t.gates_x.detach().to(dtype).requires_grad_()
-    h0 = t.h0.detach().to(dtype).requires_grad_()
-    c0 = t.c0.detach().to(dtype).requires_grad_() if t.c0 is not None else None
+    m = _layer_module(case, t, dtype).to(device)
+    x = t.gates_x.detach().to(device, dtype).requires_grad_()
+    h0 = t.h0.detach().to(device, dtype).requires_grad_()
+    c0 = t.c0.detach().to(device, dtype).requires_grad_() if t.c0 is not None else None
     seq = x if t.batch_sizes is None else PackedSequence(x, t.batch_sizes)
     out, state = m(seq, h0 if c0 is None else (h0, c0))
     out = out if t.batch_sizes is None else out.data
     states = list(state) if isinstance(state, tuple) else [state]
     grads = [t.grad_out, t.grad_hn] + ([t.grad_cn] if c0 is not None else [])
-    torch.autograd.backward([out] + states, [g.to(dtype) for g in grads])
+    torch.autograd.backward([out] + states, [g.to(device, dtype) for g in grads])
     sfx = ("", "_reverse")[:case.D]
     result = {"out": out, "h_n": states[0], "dgx": x.grad, "dh0": h0.grad,
               "dw_hh": torch.stack([getattr(m, f"weight_hh_l0{s}").grad for s in sfx])}

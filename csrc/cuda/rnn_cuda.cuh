@@ -120,12 +120,11 @@ __device__ __forceinline__ T load_shared_global(const T* p) {
 // Argument checks (clear messages naming the argument; never a raw launch error)
 // ---------------------------------------------------------------------------------------------------------
 
+// `t` is a CUDA tensor on the device of `like`.
 inline void check_cuda_tensor(const Tensor& t, const char* name, const Tensor& like) {
   TORCH_CHECK(t.device().is_cuda(), name, ": the CUDA kernels take CUDA tensors, got a tensor on ", t.device());
   TORCH_CHECK(t.device() == like.device(), name, ": expected a tensor on ", like.device(), ", got one on ",
               t.device());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type() || t.scalar_type() == at::kFloat, name, ": expected dtype ",
-              like.scalar_type(), ", got ", t.scalar_type());
 }
 
 inline void check_same_dtype(const Tensor& t, const char* name, const Tensor& like, const char* like_name) {
