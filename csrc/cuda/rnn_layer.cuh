@@ -236,8 +236,8 @@ bool launch_persistent_bwd(Kind kind, const SeqBwdArgs<T>& args, const LayerPlan
 template <typename T>
 const void* persistent_kernel(Kind kind, bool backward);
 
-// Sets a persistent kernel's dynamic shared-memory limit to `smem` bytes and its carveout to the most shared memory,
-// before an occupancy query or a launch.
+// Sets a persistent kernel's dynamic shared-memory limit to `smem` bytes (the device's most) and its carveout to the
+// most shared memory, before the occupancy query and so before any launch.
 void prepare_persistent_kernel(const void* kernel, size_t smem);
 
 }  // namespace cuda

@@ -394,11 +394,12 @@ __global__ void __launch_bounds__(kThreads, 2) seq_bwd_persistent(const SeqBwdAr
   }
 }
 
-// Launches `kernel` cooperatively with the plan's grid and shared memory. A refusal the driver gives for the grid's
-// size (not co-resident now, or no cooperative launch) returns false with the reason; any other error raises.
+// Launches `kernel` cooperatively with the plan's grid and shared memory (the plan's device_limits has raised the
+// kernel's dynamic shared-memory limit to the device's, once: never lowered, so concurrent launches of other sizes
+// cannot invalidate this one). A refusal the driver gives for the grid's size (not co-resident now, or no
+// cooperative launch) returns false with the reason; any other error raises.
 template <typename Args>
 bool cooperative_launch(const void* kernel, const Args& args, const LayerPlan& plan, std::string& why) {
-  prepare_persistent_kernel(kernel, plan.smem);
   void* params[] = {const_cast<Args*>(&args)};
   const cudaError_t err = cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kThreads), params, plan.smem,
                                                       c10::cuda::getCurrentCUDAStream());
