@@ -11,12 +11,14 @@
 //
 // With CUDA, the module also says which path a CUDA layer call takes (the persistent cooperative kernel or per-step
 // products) and why: cuda_layer_plan, cuda_layer_plan_model (a described device, for tests without a GPU),
-// set_cuda_layer_path / cuda_layer_path (force a path, for tests and benchmarks), cuda_last_layer_path.
+// set_cuda_layer_path / cuda_layer_path (force a path, for tests and benchmarks; also FASTSEQ_CUDA_LAYER_PATH at
+// import), cuda_last_layer_path.
 
 #include <torch/extension.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -97,6 +99,15 @@ void bind_cuda(pybind11::module_& m) {
         "force the CUDA layers' path: 'auto', 'persistent' (raise where it cannot run) or 'fallback'");
   m.def("cuda_layer_path", &cuda::layer_path, "the forced CUDA layer path ('auto' unless set)");
   m.def("cuda_last_layer_path", &cuda::last_layer_path, "the path the last CUDA layer call took, and why");
+  // FASTSEQ_CUDA_LAYER_PATH=persistent|fallback forces a path from the start (benchmarks of either path); a bad value
+  // warns and leaves "auto" rather than making the extension fail to import.
+  if (const char* path = std::getenv("FASTSEQ_CUDA_LAYER_PATH")) {
+    try {
+      cuda::set_layer_path(path);
+    } catch (const c10::Error& e) {
+      TORCH_WARN("FASTSEQ_CUDA_LAYER_PATH ignored: ", e.msg());
+    }
+  }
 }
 #endif
 
