@@ -342,6 +342,20 @@ def layer_tensors(case: LayerCase) -> LayerTensors:
     return LayerTensors(gates_x, h0, c0, w_hh, b_hh, w_hr, batch_sizes, grad_out, grad_hn, grad_cn)
 
 
+def strided(x):
+    """The same values in a layout with no unit stride and the dims permuted (on the same device)."""
+    if x is None:
+        return None
+    big = torch.zeros(*reversed(x.shape), 2, dtype=x.dtype, device=x.device)
+    view = big[..., 0].permute(*reversed(range(x.dim())))
+    view.copy_(x)
+    return view
+
+
+def strided_layer_tensors(t: LayerTensors) -> LayerTensors:
+    return LayerTensors(*(v if k == "batch_sizes" else strided(v) for k, v in vars(t).items()))
+
+
 def layer_ours(kernels, case: LayerCase, t: LayerTensors, ws=None) -> dict:
     """Forward (with workspace) and backward (from ``ws`` if given, else its own) through the launchers of
     ``kernels``, and the hidden-side weight gradients made from their results as the operator layer makes them."""
@@ -487,16 +501,7 @@ def test_layer_any_strides_give_the_same_numbers(kind, H):
 
     case = LayerCase(kind, T=3, B=2, H=H, D=2, P=4 if kind == "lstm" and H == 37 else 0)
     t = layer_tensors(case)
-
-    def strided(x):  # the same values in a layout with no unit stride and the dims permuted
-        if x is None:
-            return None
-        big = torch.zeros(*reversed(x.shape), 2, dtype=x.dtype)
-        view = big[..., 0].permute(*reversed(range(x.dim())))
-        view.copy_(x)
-        return view
-
-    views = LayerTensors(*(v if k == "batch_sizes" else strided(v) for k, v in vars(t).items()))
+    views = strided_layer_tensors(t)
     dense, other = layer_ours(cpp_kernels, case, t), layer_ours(cpp_kernels, case, views)
     for name in dense:
         torch.testing.assert_close(dense[name], other[name], rtol=0, atol=0, msg=name)

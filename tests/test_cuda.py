@@ -23,7 +23,8 @@ from fastseq import dispatch
 from fastseq.check import rel_err, tolerance
 
 from test_cpp import (CELL_CASES, KINDS, LAYER_CASES, NUM_GATES, CellCase, LayerCase, LayerTensors, _close,
-                      _opcheck_samples, cell_ours, cell_reference, cell_tensors, layer_ours, layer_tensors, layer_torch)
+                      _opcheck_samples, cell_ours, cell_reference, cell_tensors, layer_ours, layer_tensors, layer_torch,
+                      strided_layer_tensors)
 
 FAMILIES = ["lstm_cell", "gru_cell", "rnn_cell", "lstm_layer", "gru_layer", "rnn_layer"]
 
@@ -297,16 +298,7 @@ def test_inference_matches_training_and_strides_do_not_matter(kind, layer_path):
         if a is not None:
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
-    def strided(x):
-        if x is None:
-            return None
-        big = torch.zeros(*reversed(x.shape), 2, dtype=x.dtype, device=x.device)
-        view = big[..., 0].permute(*reversed(range(x.dim())))
-        view.copy_(x)
-        return view
-
-    views = LayerTensors(*(v if k == "batch_sizes" else strided(v) for k, v in vars(t).items()))
-    dense, other = layer_ours(cpp_kernels, case, t), layer_ours(cpp_kernels, case, views)
+    dense, other = layer_ours(cpp_kernels, case, t), layer_ours(cpp_kernels, case, strided_layer_tensors(t))
     for name in dense:
         torch.testing.assert_close(dense[name], other[name], rtol=0, atol=0, msg=name)
 

@@ -1,5 +1,6 @@
-// Shared pieces of the CUDA kernels of the recurrent cells (rnn_cells.cu) and layers (rnn_layers.cu,
-// rnn_persistent.cu): dtypes, argument checks, tile loads, the gate math per element, and the block product.
+// Device code shared by the CUDA kernels of the recurrent cells (rnn_cells.cu) and layers (rnn_persistent.cu,
+// rnn_steps.cu): dtypes, tile loads, the gate math per element, and the block product. Only .cu files include it
+// (rnn_kernels.h has what the host code shares with them).
 //
 // The block product. Every kernel here multiplies a few rows of activations by a slice of a weight matrix:
 // out[r][c] = Σ_k A[r][k]·Wt[c][k] for r < 16 rows (a "row pass"), c < C columns of the block's slice, k < K. Both
@@ -23,77 +24,24 @@
 
 #pragma once
 
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/Exception.h>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <optional>
-#include <string>
+#include <type_traits>
 
 #include "../rnn_pointwise.h"
+#include "rnn_kernels.h"
 
 namespace fastseq {
 namespace cuda {
 
-using at::Tensor;
-using OptTensor = std::optional<Tensor>;
-
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kRows = 16;      // rows of one row pass
-constexpr int kMaxFrags = 1;   // accumulator fragments per warp (half): kMaxCols / 16 tiles over 8 warps
-constexpr int kMaxCols = 128;  // columns of one block product (float32: a half-warp per 16 columns, 8 warps)
-
-enum class Kind { lstm, gru, rnn };
-
-inline bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
-
 // ---------------------------------------------------------------------------------------------------------
-// dtypes: torch's at::Half / at::BFloat16 are bit-compatible with CUDA's __half / __nv_bfloat16
+// dtypes: float32, and float16 / bfloat16 as CUDA's __half / __nv_bfloat16
 // ---------------------------------------------------------------------------------------------------------
-
-template <typename T>
-struct Native {
-  using type = T;
-};
-template <>
-struct Native<at::Half> {
-  using type = __half;
-};
-template <>
-struct Native<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename T>
-T* ptr(const Tensor& t) {
-  using Torch = std::conditional_t<std::is_same_v<T, __half>, at::Half,
-                                   std::conditional_t<std::is_same_v<T, __nv_bfloat16>, at::BFloat16, T>>;
-  return reinterpret_cast<T*>(t.data_ptr<Torch>());
-}
-
-template <typename T>
-T* ptr_or_null(const OptTensor& t) {
-  return given(t) ? ptr<T>(*t) : nullptr;
-}
-
-// Calls f(T{}) with T the CUDA type of `dtype` (float, __half, __nv_bfloat16).
-template <typename F>
-void dispatch_dtype(at::ScalarType dtype, const char* what, const F& f) {
-  switch (dtype) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(__half{}); break;
-    case at::kBFloat16: f(__nv_bfloat16{}); break;
-    default: TORCH_CHECK(false, what, ": the CUDA kernels take float32, float16 or bfloat16, got ", dtype);
-  }
-}
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
@@ -116,39 +64,24 @@ __device__ __forceinline__ T load_shared_global(const T* p) {
   return __ldcg(p);
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Argument checks (clear messages naming the argument; never a raw launch error)
-// ---------------------------------------------------------------------------------------------------------
-
-// `t` is a CUDA tensor on the device of `like`.
-inline void check_cuda_tensor(const Tensor& t, const char* name, const Tensor& like) {
-  TORCH_CHECK(t.device().is_cuda(), name, ": the CUDA kernels take CUDA tensors, got a tensor on ", t.device());
-  TORCH_CHECK(t.device() == like.device(), name, ": expected a tensor on ", like.device(), ", got one on ",
-              t.device());
+// Calls f(std::integral_constant<Kind, K>{}) for the runtime `kind`: the Kind argument of a kernel template.
+template <typename F>
+void with_kind(Kind kind, const F& f) {
+  switch (kind) {
+    case Kind::lstm: f(std::integral_constant<Kind, Kind::lstm>{}); break;
+    case Kind::gru: f(std::integral_constant<Kind, Kind::gru>{}); break;
+    default: f(std::integral_constant<Kind, Kind::rnn>{});
+  }
 }
 
-inline void check_same_dtype(const Tensor& t, const char* name, const Tensor& like, const char* like_name) {
-  check_cuda_tensor(t, name, like);
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must have the dtype of ", like_name, ": expected ",
-              like.scalar_type(), ", got ", t.scalar_type());
-}
-
-inline bool is_relu(const std::string& nonlinearity) {
-  TORCH_CHECK(nonlinearity == "tanh" || nonlinearity == "relu", "Unknown nonlinearity: ", nonlinearity,
-              ". Expected 'tanh' or 'relu'");
-  return nonlinearity == "relu";
-}
-
-inline int num_gates(Kind k) { return k == Kind::lstm ? 4 : k == Kind::gru ? 3 : 1; }
+// M(T) for each dtype the kernels take: their explicit instantiations.
+#define FASTSEQ_FOR_EACH_DTYPE(M) M(float) M(__half) M(__nv_bfloat16)
 
 // A kernel launch's own error (bad configuration), reported with the kernel's name.
 inline void check_launch(const char* kernel) {
   const cudaError_t err = cudaGetLastError();
   TORCH_CHECK(err == cudaSuccess, "fastseq CUDA kernel ", kernel, " failed to launch: ", cudaGetErrorString(err));
 }
-
-inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
-__host__ __device__ constexpr int round_up(int a, int b) { return (a + b - 1) / b * b; }
 
 // ---------------------------------------------------------------------------------------------------------
 // Gate math per element (float32; csrc/rnn_pointwise.h), the formulas of the CPU and Triton kernels
@@ -208,30 +141,6 @@ __device__ __forceinline__ float rnn_gate_grad(float a, float dh, bool relu) {
 // ---------------------------------------------------------------------------------------------------------
 // Tiles in shared memory
 // ---------------------------------------------------------------------------------------------------------
-
-// Padded leading dimension (elements) of a shared-memory operand holding `k` columns of T.
-template <typename T>
-__host__ __device__ constexpr int smem_ld(int k) {
-  return sizeof(T) == 4 ? k + 4 : k + 8;
-}
-
-// Columns a product covers: whole column tiles of 16 (half: a WMMA tile; float: a half-warp of lanes).
-__host__ __device__ constexpr int padded_cols(int c) { return (c + 15) / 16 * 16; }
-
-// The k-slices a chunk is split into (see the header comment): a function of the column count alone. float32
-// splits each warp's slice between its two half-warps.
-template <typename T>
-__host__ __device__ constexpr int k_slices(int cols_padded) {
-  const int tiles = cols_padded / 16;
-  const int warp_slices = tiles >= kWarps ? 1 : kWarps / tiles;
-  return sizeof(T) == 4 ? 2 * warp_slices : warp_slices;
-}
-
-// Floats of the partial-sum buffer of a product over `cols_padded` columns.
-template <typename T>
-__host__ __device__ constexpr int partial_floats(int cols_padded) {
-  return k_slices<T>(cols_padded) * kRows * cols_padded;
-}
 
 // dst[r][k] (leading dimension ld) = src(row0 + r, k0 + k) for r < kRows, k < kc, zero where r ≥ n_rows or
 // k0 + k ≥ K. `src(row, col)` reads the source element as float; the block's threads share the work.
@@ -357,15 +266,73 @@ __device__ __forceinline__ float product_sum(const float* partial_s, int cols_pa
   return s;
 }
 
-// Byte offsets of a shared-memory carve-up, each piece aligned to 128 bytes.
-struct SmemLayout {
-  size_t bytes = 0;
-  __host__ __device__ size_t take(size_t n) {
-    const size_t at = bytes;
-    bytes = (bytes + n + 127) / 128 * 128;
-    return at;
+// ---------------------------------------------------------------------------------------------------------
+// Layers: one unit of one row of a step (the persistent kernels and the per-step path alike)
+// ---------------------------------------------------------------------------------------------------------
+
+// One unit j of one row of a layer step, forward (both paths): a_g = x[g] + p[g] with x the gates_x side (with b_hh;
+// GRU's n: gates_x alone) and p the product side (GRU's n: b_hn + W_hn·h), then the cell math; the workspace columns
+// of the unit are written when w (the row's workspace) is given. c: LSTM's cell state, updated. Returns h' (LSTM: m).
+template <Kind K>
+__device__ __forceinline__ float layer_unit_fwd(const float x[4], const float p[4], float& c, float h_prev, bool relu,
+                                                float* w, int H, int j, bool proj) {
+  if constexpr (K == Kind::lstm) {
+    float a[4];
+#pragma unroll
+    for (int g = 0; g < 4; ++g) a[g] = x[g] + p[g];
+    float c_new, m;
+    lstm_update(a[0], a[1], a[2], a[3], c, c_new, m);
+    if (w != nullptr) {
+#pragma unroll
+      for (int g = 0; g < 4; ++g) w[g * H + j] = a[g];
+      w[4 * H + j] = c_new;
+      w[5 * H + j] = c;
+      if (proj) w[6 * H + j] = m;
+    }
+    c = c_new;
+    return m;
+  } else if constexpr (K == Kind::gru) {
+    const float a_r = x[0] + p[0], a_z = x[1] + p[1], hn = p[2];
+    float a_n;
+    const float h_new = gru_update(a_r, a_z, x[2], hn, h_prev, a_n);
+    if (w != nullptr) {
+      w[j] = a_r;
+      w[H + j] = a_z;
+      w[2 * H + j] = a_n;
+      w[3 * H + j] = hn;
+    }
+    return h_new;
+  } else {
+    const float a = x[0] + p[0];
+    if (w != nullptr) w[j] = a;
+    return rnn_activation(a, relu);
   }
-};
+}
+
+// One unit j of one row of a layer step, backward (both paths), from the row's workspace w: da (input side) and dah
+// (hidden side; they differ in GRU's n) given dm = dL/dm (LSTM) or dL/dh of the step. dc: LSTM's carried dL/dc',
+// replaced by dL/dc. Returns GRU's direct part dm·z of dL/dh (h' = … + z·h), else 0.
+template <Kind K>
+__device__ __forceinline__ float layer_unit_bwd(const float* w, int H, int j, float dm, float& dc, bool relu,
+                                                float da[4], float dah[4]) {
+  w += j;
+  if constexpr (K == Kind::lstm) {
+    dc = lstm_gate_grads(w[0], w[H], w[2 * H], w[3 * H], w[4 * H], w[5 * H], dm, dc, da);
+#pragma unroll
+    for (int g = 0; g < 4; ++g) dah[g] = da[g];
+    return 0.0f;
+  } else if constexpr (K == Kind::gru) {
+    float da_hn;
+    const float z = gru_gate_grads(w[0], w[H], w[2 * H], w[3 * H], w[4 * H], dm, da, da_hn);
+    dah[0] = da[0];
+    dah[1] = da[1];
+    dah[2] = da_hn;
+    return dm * z;
+  } else {
+    da[0] = dah[0] = rnn_gate_grad(w[0], dm, relu);
+    return 0.0f;
+  }
+}
 
 }  // namespace cuda
 }  // namespace fastseq

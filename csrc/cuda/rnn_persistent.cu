@@ -36,10 +36,10 @@
 // visible to every block after it; the exchange buffers are read with ld.global.cg (never the non-coherent
 // read-only path). The launch is cooperative (cudaLaunchCooperativeKernel): the driver refuses a grid larger than
 // what can be co-resident, so a barrier can never wait for a block that has not started; the host checks the
-// occupancy first (rnn_layers.cu, plan_layer) and falls back to per-step products where it does not fit. Every
+// occupancy first (rnn_layers_ops.cpp, plan_layer) and falls back to per-step products where it does not fit. Every
 // block runs the same number of steps and barriers (no early exit anywhere).
 
-#include "rnn_layer.cuh"
+#include "rnn_cuda.cuh"
 
 #include <cooperative_groups.h>
 
@@ -394,65 +394,41 @@ __global__ void __launch_bounds__(kThreads, 2) seq_bwd_persistent(const SeqBwdAr
   }
 }
 
-// Launches `kernel` cooperatively with the plan's grid and shared memory (the plan's device_limits has raised the
-// kernel's dynamic shared-memory limit to the device's, once: never lowered, so concurrent launches of other sizes
-// cannot invalidate this one). A refusal the driver gives for the grid's size (not co-resident now, or no
-// cooperative launch) returns false with the reason; any other error raises.
-template <typename Args>
-bool cooperative_launch(const void* kernel, const Args& args, const LayerPlan& plan, std::string& why) {
-  void* params[] = {const_cast<Args*>(&args)};
-  const cudaError_t err = cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kThreads), params, plan.smem,
-                                                      c10::cuda::getCurrentCUDAStream());
-  if (err == cudaSuccess) return true;
-  if (err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorNotSupported) {
-    (void)cudaGetLastError();  // not sticky: clear it, the caller falls back
-    why = cudaGetErrorString(err);
-    return false;
-  }
-  TORCH_CHECK(false, "fastseq: the persistent CUDA layer kernel failed to launch (", plan.blocks, " blocks, ",
-              plan.smem, " B of shared memory): ", cudaGetErrorString(err));
-}
-
 }  // namespace
-
-void prepare_persistent_kernel(const void* kernel, size_t smem) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                      cudaSharedmemCarveoutMaxShared));
-}
 
 template <typename T>
 const void* persistent_kernel(Kind kind, bool backward) {
-  switch (kind) {
-    case Kind::lstm:
-      return backward ? reinterpret_cast<const void*>(&seq_bwd_persistent<T, Kind::lstm>)
-                      : reinterpret_cast<const void*>(&seq_fwd_persistent<T, Kind::lstm>);
-    case Kind::gru:
-      return backward ? reinterpret_cast<const void*>(&seq_bwd_persistent<T, Kind::gru>)
-                      : reinterpret_cast<const void*>(&seq_fwd_persistent<T, Kind::gru>);
-    default:
-      return backward ? reinterpret_cast<const void*>(&seq_bwd_persistent<T, Kind::rnn>)
-                      : reinterpret_cast<const void*>(&seq_fwd_persistent<T, Kind::rnn>);
-  }
+  const void* kernel = nullptr;
+  with_kind(kind, [&](auto k) {
+    constexpr Kind K = decltype(k)::value;
+    kernel = backward ? reinterpret_cast<const void*>(&seq_bwd_persistent<T, K>)
+                      : reinterpret_cast<const void*>(&seq_fwd_persistent<T, K>);
+  });
+  return kernel;
+}
+
+// The plan (rnn_layers_ops.cpp) has raised the kernels' dynamic shared-memory limit to the device's, once.
+template <typename T, typename Args>
+cudaError_t cooperative_launch(const void* kernel, const Args& args, int blocks, size_t smem, cudaStream_t stream) {
+  void* params[] = {const_cast<Args*>(&args)};
+  return cudaLaunchCooperativeKernel(kernel, dim3(blocks), dim3(kThreads), params, smem, stream);
 }
 
 template <typename T>
-bool launch_persistent_fwd(Kind kind, const SeqFwdArgs<T>& args, const LayerPlan& plan, std::string& why) {
-  return cooperative_launch(persistent_kernel<T>(kind, false), args, plan, why);
+cudaError_t launch_persistent_fwd(Kind kind, const SeqFwdArgs<T>& args, int blocks, size_t smem, cudaStream_t stream) {
+  return cooperative_launch<T>(persistent_kernel<T>(kind, false), args, blocks, smem, stream);
 }
 
 template <typename T>
-bool launch_persistent_bwd(Kind kind, const SeqBwdArgs<T>& args, const LayerPlan& plan, std::string& why) {
-  return cooperative_launch(persistent_kernel<T>(kind, true), args, plan, why);
+cudaError_t launch_persistent_bwd(Kind kind, const SeqBwdArgs<T>& args, int blocks, size_t smem, cudaStream_t stream) {
+  return cooperative_launch<T>(persistent_kernel<T>(kind, true), args, blocks, smem, stream);
 }
 
-#define FASTSEQ_INSTANTIATE(T)                                                                                 \
-  template const void* persistent_kernel<T>(Kind, bool);                                                      \
-  template bool launch_persistent_fwd<T>(Kind, const SeqFwdArgs<T>&, const LayerPlan&, std::string&);         \
-  template bool launch_persistent_bwd<T>(Kind, const SeqBwdArgs<T>&, const LayerPlan&, std::string&);
-FASTSEQ_INSTANTIATE(float)
-FASTSEQ_INSTANTIATE(__half)
-FASTSEQ_INSTANTIATE(__nv_bfloat16)
+#define FASTSEQ_INSTANTIATE(T)                                                                                   \
+  template const void* persistent_kernel<T>(Kind, bool);                                                        \
+  template cudaError_t launch_persistent_fwd<T>(Kind, const SeqFwdArgs<T>&, int, size_t, cudaStream_t);         \
+  template cudaError_t launch_persistent_bwd<T>(Kind, const SeqBwdArgs<T>&, int, size_t, cudaStream_t);
+FASTSEQ_FOR_EACH_DTYPE(FASTSEQ_INSTANTIATE)
 #undef FASTSEQ_INSTANTIATE
 
 }  // namespace cuda

@@ -1,5 +1,5 @@
-// The recurrence of one LSTM, GRU or Elman RNN (tanh / relu) layer over a whole sequence on CUDA tensors, both
-// directions, forward and backward, padded or packed: the CUDA implementations of
+// The torch operators of the CUDA layers: the recurrence of one LSTM, GRU or Elman RNN (tanh / relu) layer over a
+// whole sequence on CUDA tensors, both directions, forward and backward, padded or packed, the CUDA implementations of
 // torch.ops.fastseq_cpp.{lstm,gru,rnn}_layer_{fwd,bwd} (schemas in csrc/cpu/library.cpp), with the arguments,
 // returns and float32 workspace of the CPU kernels (csrc/cpu/rnn_layers.cpp) and the Triton launchers
 // (kernels/rnn_seq.py): per (direction, row) LSTM [a_i, a_f, a_g, a_o, c', c, m (with a projection), h],
@@ -12,23 +12,29 @@
 //   the blocks and resident in shared memory, one grid barrier per step. Taken when the device supports
 //   cooperative launches and some slicing of W_hh (units per block) fits the shared memory of a block and needs no
 //   more blocks than can be co-resident (cudaOccupancyMaxActiveBlocksPerMultiprocessor × SMs).
-// - per-step (here): for sizes that do not fit on chip. Each step of each direction is a cuBLAS product of the rows
-//   that advance (h[:n]·W_hhᵀ, float32 output from half-precision operands, at::mm with out_dtype) and one fused
-//   pointwise kernel (gates, update, out, workspace; the state stays float32 in global memory, with a copy rounded
-//   to the product dtype for the next product). Backward likewise, in reverse time: the pointwise gate gradients,
-//   then dh = dA·W_hh. With a projection two more: h' = m·W_hrᵀ (and dm = dh_t·W_hr) and a small commit kernel.
+// - per-step (here, with the pointwise kernels of rnn_steps.cu): for sizes that do not fit on chip. Each step of each
+//   direction is a cuBLAS product of the rows that advance (h[:n]·W_hhᵀ, float32 output from half-precision
+//   operands, at::mm with out_dtype) and one fused pointwise kernel (gates, update, out, workspace; the state stays
+//   float32 in global memory, with a copy rounded to the product dtype for the next product). Backward likewise, in
+//   reverse time: the pointwise gate gradients, then dh = dA·W_hh. With a projection two more: h' = m·W_hrᵀ (and
+//   dm = dh_t·W_hr) and a small commit kernel.
+//
+// Host code only, compiled once by the host compiler (rnn_kernels.h says why the kernels live apart).
 //
 // Precision as in the Triton kernels: products on operands in the input dtype (the state rounded to it; tensor
 // cores for half precision), float32 accumulation, float32 state and gate math, outputs rounded to nearest even.
 
 #include "layer_path.h"
-#include "rnn_layer.cuh"
+#include "rnn_ops.h"
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <functional>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -38,6 +44,34 @@ namespace cuda {
 // ---------------------------------------------------------------------------------------------------------
 // The plan: persistent or per-step, and how W_hh is sliced
 // ---------------------------------------------------------------------------------------------------------
+
+// Which implementation runs a layer call, and why.
+struct LayerPlan {
+  bool persistent = false;
+  Slicing sl;
+  int blocks = 0;     // D·nb
+  int capacity = 0;   // co-resident blocks of that size on the device
+  size_t smem = 0;    // dynamic shared memory per block (bytes)
+  std::string reason;
+};
+
+// What the plan needs to know of the device, and the occupancy of a persistent kernel: blocks per SM at a given
+// dynamic shared-memory size (cudaOccupancyMaxActiveBlocksPerMultiprocessor on a GPU; a model in the tests).
+struct DeviceLimits {
+  bool cooperative = false;
+  int sms = 0;
+  size_t smem_optin = 0;  // the most dynamic shared memory one block may ask for
+  std::function<int(size_t smem)> blocks_per_sm;
+};
+
+// Sets a persistent kernel's dynamic shared-memory limit to `smem` bytes (the device's most: never lowered, so that
+// concurrent launches of other sizes cannot invalidate one another) and its carveout to the most shared memory,
+// before the occupancy query and so before any launch.
+void prepare_persistent_kernel(const void* kernel, size_t smem) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      cudaSharedmemCarveoutMaxShared));
+}
 
 namespace {
 
@@ -250,135 +284,10 @@ std::string last_layer_path() {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// The per-step path: pointwise kernels of one step of one direction
+// The per-step path
 // ---------------------------------------------------------------------------------------------------------
 
 namespace {
-
-// One step of one direction, forward: rows b < n, units j < H.
-template <typename T>
-struct StepFwd {
-  int n, H, HO, W;
-  int64_t s_out;                // row stride of out (D·HO)
-  const float* gh;              // h·W_hhᵀ of the rows that advance, float32 (n, G)
-  const T* gx;                  // gates_x of the step and direction: row b at gx + b·s_gb, column c at c·s_gc
-  int64_t s_gb, s_gc;
-  const T* b_hh;                // this direction's b_hh, stride s_bc, or null
-  int64_t s_bc;
-  float *h32, *c32;             // float32 state of the direction (B, HO), (B, H)
-  T* h_dot;                     // the state rounded to T (the next product's operand), or null for float32
-  T* m_dot;                     // with a projection: m rounded to T (float32: the m buffer itself)
-  float* ws;                    // the step's workspace rows (W floats each), or null
-  T* out;                       // out rows of the step, this direction's columns
-  bool relu, proj;
-};
-
-template <typename T, Kind K>
-__global__ void __launch_bounds__(kThreads) step_fwd_kernel(const StepFwd<T> p) {
-  const int64_t total = static_cast<int64_t>(p.n) * p.H;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t b = idx / p.H;
-    const int j = static_cast<int>(idx % p.H), H = p.H;
-    constexpr int NG = K == Kind::lstm ? 4 : K == Kind::gru ? 3 : 1;
-    const float* gh = p.gh + b * NG * H;
-    float x[4], prod[4];
-#pragma unroll
-    for (int g = 0; g < NG; ++g) {
-      const float bias = p.b_hh != nullptr ? to_f32(p.b_hh[(g * H + j) * p.s_bc]) : 0.0f;
-      const float gate_x = to_f32(p.gx[b * p.s_gb + (g * H + j) * p.s_gc]);
-      const bool gru_n = K == Kind::gru && g == 2;  // b_hn belongs to the hidden side: the reset gate scales it
-      x[g] = gru_n ? gate_x : gate_x + bias;
-      prod[g] = gh[g * H + j] + (gru_n ? bias : 0.0f);
-    }
-    float* w = p.ws != nullptr ? p.ws + b * p.W : nullptr;
-    const float h_prev = p.proj ? 0.0f : p.h32[b * p.HO + j];
-    float c = K == Kind::lstm ? p.c32[b * H + j] : 0.0f;
-    const float h_new = layer_unit_fwd<K>(x, prod, c, h_prev, p.relu, w, H, j, p.proj);
-    if (K == Kind::lstm) p.c32[b * H + j] = c;
-    if (p.proj) {  // h' = m·W_hrᵀ: the next product, then step_proj_kernel
-      p.m_dot[b * H + j] = from_f32<T>(h_new);
-      continue;
-    }
-    if (w != nullptr) w[p.W - p.HO + j] = h_prev;
-    p.h32[b * p.HO + j] = h_new;
-    if (p.h_dot != nullptr) p.h_dot[b * p.HO + j] = from_f32<T>(h_new);
-    p.out[b * p.s_out + j] = from_f32<T>(h_new);
-  }
-}
-
-// With a projection: h' = m·W_hrᵀ (hp, float32 (n, P)) committed: workspace h_prev, state, its rounded copy, out.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) step_proj_kernel(const StepFwd<T> p, const float* hp) {
-  const int64_t total = static_cast<int64_t>(p.n) * p.HO;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t b = idx / p.HO;
-    const int q = static_cast<int>(idx % p.HO);
-    const float h_new = hp[idx];
-    if (p.ws != nullptr) p.ws[b * p.W + (p.W - p.HO) + q] = p.h32[b * p.HO + q];
-    p.h32[b * p.HO + q] = h_new;
-    if (p.h_dot != nullptr) p.h_dot[b * p.HO + q] = from_f32<T>(h_new);
-    p.out[b * p.s_out + q] = from_f32<T>(h_new);
-  }
-}
-
-// One step of one direction, backward.
-template <typename T>
-struct StepBwd {
-  int n, H, HO, W;
-  int64_t s_dg;                 // row stride of dgates (D·G)
-  const T* go;                  // grad_out of the step and direction: row b at go + b·s_ob, column c at c·s_oc
-  int64_t s_ob, s_oc;
-  const float* ws;              // the step's workspace rows
-  const float* dm;              // with a projection: dL/dm of the rows, float32 (n, H); else null
-  float *dh32, *dc32;           // carried dL/dh (B, HO), dL/dc (B, H)
-  T *dgx, *dgh;                 // the step's dgates rows, this direction's columns
-  T* dA;                        // hidden-side gate gradients rounded to T (n, G): the product's operand
-  bool relu;
-};
-
-template <typename T, Kind K>
-__global__ void __launch_bounds__(kThreads) step_bwd_kernel(const StepBwd<T> p) {
-  const int64_t total = static_cast<int64_t>(p.n) * p.H;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t b = idx / p.H;
-    const int j = static_cast<int>(idx % p.H), H = p.H;
-    constexpr int NG = K == Kind::lstm ? 4 : K == Kind::gru ? 3 : 1;
-    const float dm = p.dm != nullptr ? p.dm[b * H + j] : p.dh32[b * p.HO + j] + to_f32(p.go[b * p.s_ob + j * p.s_oc]);
-    float da[4], dah[4];
-    float dc = K == Kind::lstm ? p.dc32[b * H + j] : 0.0f;
-    const float direct = layer_unit_bwd<K>(p.ws + b * p.W, H, j, dm, dc, p.relu, da, dah);
-    if (K == Kind::lstm) p.dc32[b * H + j] = dc;
-    if (K == Kind::gru) p.dh32[b * p.HO + j] = direct;  // the product adds dA_h·W_hh to it
-#pragma unroll
-    for (int g = 0; g < NG; ++g) {
-      p.dgx[b * p.s_dg + g * H + j] = from_f32<T>(da[g]);
-      if (K == Kind::gru) p.dgh[b * p.s_dg + g * H + j] = from_f32<T>(dah[g]);
-      p.dA[b * NG * H + g * H + j] = from_f32<T>(dah[g]);
-    }
-  }
-}
-
-// With a projection, backward: dh_t = dh + grad_out[t] of the P columns, into dht (float32) and its rounded copy.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) step_dht_kernel(int n, int P, const T* go, int64_t s_ob, int64_t s_oc,
-                                                            const float* dh32, float* dht, T* dht_dot) {
-  const int64_t total = static_cast<int64_t>(n) * P;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t b = idx / P;
-    const int q = static_cast<int>(idx % P);
-    const float v = dh32[idx] + to_f32(go[b * s_ob + q * s_oc]);
-    dht[idx] = v;
-    if (dht_dot != nullptr) dht_dot[idx] = from_f32<T>(v);
-  }
-}
-
-int grid_for(int64_t elements) {
-  return static_cast<int>(std::min<int64_t>((elements + kThreads - 1) / kThreads, 65535));
-}
 
 // out (float32, contiguous rows) = a · w; a in the product dtype (half precision: float32 output from cuBLAS).
 void mm_f32(const Tensor& out, const Tensor& a, const Tensor& w) {
@@ -501,6 +410,19 @@ SeqGeometry device_geometry(const HostSteps& S, const Tensor& like, Tensor& keep
   return g;
 }
 
+// Whether a cooperative launch went: false, with the reason, where the driver refused the grid's size (not
+// co-resident now, or no cooperative launch) and the caller falls back; any other error raises.
+bool accepted(cudaError_t err, const LayerPlan& plan, std::string& why) {
+  if (err == cudaSuccess) return true;
+  if (err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorNotSupported) {
+    (void)cudaGetLastError();  // not sticky: clear it
+    why = cudaGetErrorString(err);
+    return false;
+  }
+  TORCH_CHECK(false, "fastseq: the persistent CUDA layer kernel failed to launch (", plan.blocks, " blocks, ",
+              plan.smem, " B of shared memory): ", cudaGetErrorString(err));
+}
+
 // Runs `persistent(why)` where the plan says so and the driver accepts the cooperative launch, else `per_step()`;
 // records which ran and why.
 template <typename Persistent, typename PerStep>
@@ -515,18 +437,6 @@ void run_path(LayerPlan plan, const Persistent& persistent, const PerStep& per_s
   }
   record_path("fallback: " + plan.reason);
   per_step();
-}
-
-template <typename T, Kind K>
-void launch_step_fwd(const StepFwd<T>& p) {
-  step_fwd_kernel<T, K><<<grid_for(static_cast<int64_t>(p.n) * p.H), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-  check_launch("step_fwd_kernel");
-}
-
-template <typename T, Kind K>
-void launch_step_bwd(const StepBwd<T>& p) {
-  step_bwd_kernel<T, K><<<grid_for(static_cast<int64_t>(p.n) * p.H), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-  check_launch("step_bwd_kernel");
 }
 
 // Forward, per-step path. gx: the caller's gates_x (any strides); out: contiguous.
@@ -570,14 +480,10 @@ void forward_per_step(const Layer& L, const Tensor& gx, const Tensor& h0, const 
       p.out = ptr<T>(out) + row0 * L.D * L.HO + d * L.HO;
       p.relu = relu;
       p.proj = L.P > 0;
-      if (L.kind == Kind::lstm) launch_step_fwd<T, Kind::lstm>(p);
-      else if (L.kind == Kind::gru) launch_step_fwd<T, Kind::gru>(p);
-      else launch_step_fwd<T, Kind::rnn>(p);
+      launch_step_fwd<T>(L.kind, p, current_stream());
       if (L.P) {
         mm_f32(hp.narrow(0, 0, n), m_dot.narrow(0, 0, n), w_hr->select(0, d).t());
-        step_proj_kernel<T><<<grid_for(n * L.P), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            p, hp.data_ptr<float>());
-        check_launch("step_proj_kernel");
+        launch_step_proj<T>(p, hp.data_ptr<float>(), current_stream());
       }
     }
   }
@@ -601,7 +507,6 @@ void backward_per_step(const Layer& L, const Tensor& go, const Tensor& grad_hn, 
   Tensor direct = L.kind == Kind::gru && !f32_io ? at::empty({L.B, L.HO}, f32) : Tensor();
   const bool packed = S.packed;
   const int64_t s_ot = packed ? 0 : go.stride(0), s_ob = packed ? go.stride(0) : go.stride(1), s_oc = go.stride(-1);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   for (int64_t s = 0; s < S.T; ++s) {
     for (int64_t d = 0; d < L.D; ++d) {
       const int64_t t = time_of(s, S.T, d, true), n = S.n(t), row0 = S.row0(t);
@@ -610,10 +515,8 @@ void backward_per_step(const Layer& L, const Tensor& go, const Tensor& grad_hn, 
       float* dh_d = dh32.data_ptr<float>() + d * L.B * L.HO;
       if (L.P) {  // dh_t = dh + grad_out[t] (the caller's dW_hr reads it), then dm = dh_t·W_hr
         float* dht_t = dht.data_ptr<float>() + (d * S.rows + row0) * L.P;
-        step_dht_kernel<T><<<grid_for(n * L.P), kThreads, 0, stream>>>(
-            static_cast<int>(n), static_cast<int>(L.P), go_t, s_ob, s_oc, dh_d, dht_t,
-            f32_io ? nullptr : ptr<T>(dht_dot));
-        check_launch("step_dht_kernel");
+        launch_step_dht<T>(static_cast<int>(n), static_cast<int>(L.P), go_t, s_ob, s_oc, dh_d, dht_t,
+                           f32_io ? nullptr : ptr<T>(dht_dot), current_stream());
         const Tensor dht_rows = f32_io ? dht.select(0, d).narrow(0, row0, n) : dht_dot.narrow(0, 0, n);
         mm_f32(dm.narrow(0, 0, n), dht_rows, w_hr->select(0, d));
       }
@@ -634,9 +537,7 @@ void backward_per_step(const Layer& L, const Tensor& go, const Tensor& grad_hn, 
       p.dgh = ptr<T>(dgh) + row0 * L.D * L.G + d * L.G;
       p.dA = ptr<T>(dA);
       p.relu = relu;
-      if (L.kind == Kind::lstm) launch_step_bwd<T, Kind::lstm>(p);
-      else if (L.kind == Kind::gru) launch_step_bwd<T, Kind::gru>(p);
-      else launch_step_bwd<T, Kind::rnn>(p);
+      launch_step_bwd<T>(L.kind, p, current_stream());
       // dh ← dA_h·W_hh (GRU: added to the direct part dh·z the pointwise kernel left in dh)
       Tensor dh_rows = dh32.select(0, d).narrow(0, 0, n);
       const Tensor dA_rows = dA.narrow(0, 0, n), w = w_hh.select(0, d);
@@ -722,7 +623,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_fwd(Kind kind, const Tensor& ga
       a.rows = S.rows, a.W = static_cast<int>(L.W);
       a.h_ex = ptr<T>(h_ex);
       a.m_ex = L.P ? ptr<T>(m_ex) : nullptr;
-      return launch_persistent_fwd<T>(kind, a, plan, why);
+      return accepted(launch_persistent_fwd<T>(kind, a, plan.blocks, plan.smem, current_stream()), plan, why);
     };
     run_path(plan, persistent,
              [&] { forward_per_step<T>(L, gates_x, h0, c0, w_hh, b_hh, w_hr, save, relu, out, h_n, c_n, ws); });
@@ -799,7 +700,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> layer_bwd(Kind kind, const Te
       a.dht = L.P ? dht.data_ptr<float>() : nullptr;
       a.dA_ex = ptr<T>(dA_ex);
       a.dht_ex = L.P ? ptr<T>(dht_ex) : nullptr;
-      return launch_persistent_bwd<T>(kind, a, plan, why);
+      return accepted(launch_persistent_bwd<T>(kind, a, plan.blocks, plan.smem, current_stream()), plan, why);
     };
     run_path(plan, persistent, [&] {
       backward_per_step<T>(L, grad_out, grad_hn, grad_cn, ws, w_hh, w_hr, relu, dgx, dgh_out, dh0, dc0, dht);
