@@ -6,7 +6,9 @@ installed. Environment switches:
 
 - ``FASTSEQ_NO_EXTENSION=1``: skip the compiled extension (pure Python + Triton package).
 - ``FASTSEQ_NO_CUDA=1``: build only the C++ (CPU) part even where a CUDA toolkit is found.
-- ``CUDA_HOME``: the CUDA toolkit whose ``nvcc`` compiles ``csrc/cuda/*.cu`` (found automatically by torch).
+- ``CUDA_HOME``: the CUDA toolkit whose ``nvcc`` compiles ``csrc/cuda/*.cu``. Unset, it is the toolkit of the ``nvcc``
+  on ``PATH`` (as nvcc itself reports it, so a wrapper script or a symlink in ``/usr/local/bin`` still leads to the
+  real toolkit), else ``/usr/local/cuda``.
 - ``TORCH_CUDA_ARCH_LIST``: the GPU architectures to compile for; default ``"8.0;9.0"``.
 - ``MAX_JOBS``: parallel compile jobs (ninja).
 - ``FASTSEQ_REQUIRE_EXTENSION=1``: fail the install when the extension does not build (by default a failed
@@ -37,6 +39,54 @@ def _note(msg: str) -> None:
     print(f"fastseq setup: {msg}", file=sys.stderr)
 
 
+def _nvcc_toolkit_root() -> str | None:
+    """The toolkit of the ``nvcc`` on PATH, as nvcc reports it (``-dryrun`` prints the folder it really runs from):
+    torch's own guess, the parent of ``which nvcc``, is wrong for a wrapper script or a symlink such as
+    ``/usr/local/bin/nvcc``."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "-dryrun", "-c", "x.cu", "-o", "x.o"], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("#$ _HERE_="):
+            root = os.path.dirname(os.path.realpath(line.split("=", 1)[1].strip()))
+            if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+                return root
+    return None
+
+
+def _find_cuda_home() -> None:
+    """Sets CUDA_HOME for torch's build helpers (which read it when imported) where the caller did not."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or _flag("FASTSEQ_NO_CUDA"):
+        return
+    root = _nvcc_toolkit_root()
+    if root is None and os.path.exists("/usr/local/cuda/include/cuda_runtime.h"):
+        root = "/usr/local/cuda"
+    if root is not None:
+        os.environ["CUDA_HOME"] = root
+        _note(f"CUDA_HOME={root} (the toolkit of nvcc)")
+
+
+def _nvidia_wheel_includes(cuda_home: str) -> list[str]:
+    """Header folders of the CUDA libraries in the nvidia-* wheels torch depends on (cuBLAS, cuSPARSE, …), for a
+    toolkit that has only the compiler and runtime: torch's ATen/cuda headers include them."""
+    if os.path.exists(os.path.join(cuda_home, "include", "cublas_v2.h")):
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = set()
+    for base in getattr(nvidia, "__path__", []):
+        for header in glob.glob(os.path.join(base, "*", "include", "cublas_v2.h")):
+            found.add(os.path.dirname(header))
+    return sorted(found)
+
+
 def _extension():
     """``(ext_modules, cmdclass)`` for fastseq._C, or empty where it cannot be built here."""
     if _flag("FASTSEQ_NO_EXTENSION"):
@@ -44,6 +94,9 @@ def _extension():
         return [], {}
     try:
         import torch
+
+        if torch.version.cuda is not None:  # a CPU build of torch has no CUDA headers to build against
+            _find_cuda_home()
         from torch.utils import cpp_extension
     except ImportError:
         _note("torch is not importable at build time (use --no-build-isolation): no compiled extension")
@@ -71,18 +124,26 @@ def _extension():
         _note("not GCC on Linux: the C++ kernels' pointwise loops run single-threaded (their GEMMs still thread)")
     use_cuda = bool(cuda_sources) and not _flag("FASTSEQ_NO_CUDA") and cpp_extension.CUDA_HOME is not None
     if cuda_sources and not use_cuda:
-        _note("CUDA sources skipped (FASTSEQ_NO_CUDA set or no CUDA toolkit found)")
+        why = ("FASTSEQ_NO_CUDA is set" if _flag("FASTSEQ_NO_CUDA") else
+               f"torch {torch.__version__} is a CPU build" if torch.version.cuda is None else
+               "no CUDA toolkit found (set CUDA_HOME, or put nvcc on PATH)")
+        _note(f"CUDA sources skipped: {why}")
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # -O3 and -lineinfo (source lines for compute-sanitizer and profilers, no effect on the code). No
+        # --use_fast_math: the gate math (csrc/rnn_pointwise.h) is written for IEEE float32 division and rounding, and
+        # its accuracy is measured that way; fast math would flush denormals and approximate the divisions.
         ext = cpp_extension.CUDAExtension(
             "fastseq._C", sources + cuda_sources,
+            include_dirs=_nvidia_wheel_includes(cpp_extension.CUDA_HOME),
             extra_compile_args={"cxx": cxx_flags + ["-DFASTSEQ_WITH_CUDA"],
                                 "nvcc": ["-O3", "-DFASTSEQ_WITH_CUDA", "-lineinfo"]},
             extra_link_args=link_flags)
     else:
         ext = cpp_extension.CppExtension("fastseq._C", sources, extra_compile_args={"cxx": cxx_flags},
                                          extra_link_args=link_flags)
-    _note(f"building fastseq._C against torch {torch.__version__} ({'C++ and CUDA' if use_cuda else 'C++'})")
+    what = f"C++ and CUDA for {os.environ['TORCH_CUDA_ARCH_LIST']}" if use_cuda else "C++"
+    _note(f"building fastseq._C against torch {torch.__version__} ({what})")
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
     return [ext], {"build_ext": _optional(build_ext)}
 

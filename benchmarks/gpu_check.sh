@@ -10,6 +10,9 @@
 #   import     which fastseq is imported, fastseq.backends()                            -> import.log
 #   tests      python -m pytest tests -m cuda (junit: pytest_cuda.xml; "no tests ran" is
 #              not a failure)                                                           -> tests.log
+#   sanitize   compute-sanitizer --tool memcheck, then --tool racecheck, over
+#              benchmarks/cuda_sanitize.py (every CUDA kernel once, tiny shapes, both
+#              layer paths); SKIP where compute-sanitizer is not found         -> sanitize_{memcheck,racecheck}.log
 #   check      python -m fastseq check                                                  -> check.txt
 #   bench      python -m fastseq bench --preset gpu (cells eager and CUDA graph, layers
 #              padded and packed, attention), with what time is left                   -> $OUT/bench/
@@ -33,6 +36,7 @@
 #   GPU_CHECK_TIME_LIMIT   seconds for the whole run (default 570); each step gets what is left, capped
 #                          (versions 60, install 300, import 120, tests 180, check 90, bench: the rest)
 #   GPU_CHECK_TESTS_TIMEOUT  cap of the tests step in seconds (default 180)
+#   GPU_CHECK_SANITIZE_TIMEOUT  cap of each sanitizer run in seconds (default 90)
 #   GPU_CHECK_BENCH_ARGS   extra arguments for python -m fastseq bench (appended, so they override the defaults)
 #   MAX_JOBS, TORCH_CUDA_ARCH_LIST   for the extension build (defaults: nproc; the GPU's own arch)
 
@@ -230,6 +234,43 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------------------
+# sanitize: every CUDA kernel once under compute-sanitizer (memcheck: out-of-bounds and misaligned accesses,
+# racecheck: shared-memory hazards between the threads of a block)
+# ---------------------------------------------------------------------------------------------------------
+find_sanitizer() {
+    command -v compute-sanitizer 2>/dev/null && return
+    local c
+    for c in "${CUDA_HOME:-}/bin/compute-sanitizer" "${CUDA_HOME:-}/compute-sanitizer/compute-sanitizer" \
+             /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+        [ -x "$c" ] && { echo "$c"; return; }
+    done
+    local nvcc_dir
+    nvcc_dir="$(dirname "$(command -v nvcc 2>/dev/null || echo /nonexistent/x)")"
+    for c in "$nvcc_dir/compute-sanitizer" "$nvcc_dir/../compute-sanitizer/compute-sanitizer"; do
+        [ -x "$c" ] && { echo "$c"; return; }
+    done
+}
+SANITIZER="$(find_sanitizer)"
+if [ "$SMOKE" != "0" ]; then
+    run_step sanitize 60 "$LOGS/sanitize_memcheck.log" bash -c "cd '$WORK' && '$PYTHON' '$REPO/benchmarks/cuda_sanitize.py'"
+    if [ "$RC" = 0 ]; then record sanitize PASS "$RC" "$SECS" "smoke: the script alone, no sanitizer"
+    else record sanitize FAIL "$RC" "$SECS" "$(timeout_note $RC)sanitize_memcheck.log"; fi
+elif [ -z "$SANITIZER" ]; then
+    record sanitize SKIP - 0 "compute-sanitizer not found (PATH, \$CUDA_HOME, /usr/local/cuda)"
+else
+    NOTE=""
+    SAN_RC=0
+    for tool in memcheck racecheck; do
+        run_step sanitize "${GPU_CHECK_SANITIZE_TIMEOUT:-90}" "$LOGS/sanitize_$tool.log" bash -c "cd '$WORK' && \
+            '$SANITIZER' --tool $tool --error-exitcode 3 '$PYTHON' '$REPO/benchmarks/cuda_sanitize.py'"
+        NOTE="$NOTE$tool rc=$RC ${SECS}s $(grep -m1 -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOGS/sanitize_$tool.log" || true); "
+        [ "$RC" != 0 ] && SAN_RC="$RC"
+    done
+    if [ "$SAN_RC" = 0 ]; then record sanitize PASS 0 "-" "$NOTE"
+    else record sanitize FAIL "$SAN_RC" "-" "$(timeout_note $SAN_RC)$NOTE"; fi
+fi
+
+# ---------------------------------------------------------------------------------------------------------
 # check
 # ---------------------------------------------------------------------------------------------------------
 run_step check 90 "$LOGS/check.txt" bash -c "cd '$WORK' && '$PYTHON' -m fastseq check"
@@ -272,7 +313,7 @@ TOTAL=$(( $(date +%s) - START ))
     for line in "${STATUS_LINES[@]}"; do echo "$line"; done
     echo
     if [ "$FAILED" = 0 ]; then echo "OVERALL: PASS"; else echo "OVERALL: FAIL"; fi
-    echo "logs (in logs.tar.gz): versions.log install.log import.log tests.log pytest_cuda.xml check.txt bench.log gpu_check.log"
+    echo "logs (in logs.tar.gz): versions.log install.log import.log tests.log pytest_cuda.xml sanitize_{memcheck,racecheck}.log check.txt bench.log gpu_check.log"
     echo "bench: bench/results.md bench/results.json bench/speedup.png"
 } >"$SUMMARY"
 cat "$SUMMARY" | tee -a "$LOG"

@@ -1,6 +1,7 @@
-"""The "cpp" backend's launchers: the C++ CPU kernels of the compiled extension (``csrc/cpu/``), behind the launcher
-interface of the Triton kernels, so that the operators (``fastseq/ops/cells.py``, ``fastseq/ops/layers.py``) run
-either through ``_kernels(backend)`` unchanged.
+"""The "cpp" and "cuda" backends' launchers: the compiled kernels of the extension (C++ for CPU tensors in
+``csrc/cpu/``, CUDA for GPU tensors in ``csrc/cuda/``: the same operators, dispatched by torch on the tensors'
+device), behind the launcher interface of the Triton kernels, so that the operators (``fastseq/ops/cells.py``,
+``fastseq/ops/layers.py``) run any of them through ``_kernels(backend)`` unchanged.
 
 The kernels are torch operators, ``torch.ops.fastseq_cpp.{lstm,gru,rnn}_{cell,layer}_{fwd,bwd}``, registered when
 ``fastseq._C`` loads (schemas in ``csrc/cpu/library.cpp``); their fake (meta) implementations are registered here,

@@ -362,6 +362,20 @@ def layer_tensors(case: LayerCase) -> LayerTensors:
     return LayerTensors(gates_x, h0, c0, w_hh, b_hh, w_hr, batch_sizes, grad_out, grad_hn, grad_cn)
 
 
+def strided(x):
+    """The same values in a layout with no unit stride and the dims permuted (on the same device)."""
+    if x is None:
+        return None
+    big = torch.zeros(*reversed(x.shape), 2, dtype=x.dtype, device=x.device)
+    view = big[..., 0].permute(*reversed(range(x.dim())))
+    view.copy_(x)
+    return view
+
+
+def strided_layer_tensors(t: LayerTensors) -> LayerTensors:
+    return LayerTensors(*(v if k == "batch_sizes" else strided(v) for k, v in vars(t).items()))
+
+
 def layer_ours(kernels, case: LayerCase, t: LayerTensors, ws=None) -> dict:
     """Forward (with workspace) and backward (from ``ws`` if given, else its own) through the launchers of
     ``kernels``, and the hidden-side weight gradients made from their results as the operator layer makes them."""
@@ -410,18 +424,18 @@ def _layer_module(case: LayerCase, t: LayerTensors, dtype) -> nn.Module:
     return m
 
 
-def layer_torch(case: LayerCase, t: LayerTensors, dtype) -> dict:
+def layer_torch(case: LayerCase, t: LayerTensors, dtype, device="cpu") -> dict:
     """torch's module in ``dtype`` (float64: the reference) on the same tensors: outputs and gradients."""
-    m = _layer_module(case, t, dtype)
-    x = t.gates_x.detach().to(dtype).requires_grad_()
-    h0 = t.h0.detach().to(dtype).requires_grad_()
-    c0 = t.c0.detach().to(dtype).requires_grad_() if t.c0 is not None else None
+    m = _layer_module(case, t, dtype).to(device)
+    x = t.gates_x.detach().to(device, dtype).requires_grad_()
+    h0 = t.h0.detach().to(device, dtype).requires_grad_()
+    c0 = t.c0.detach().to(device, dtype).requires_grad_() if t.c0 is not None else None
     seq = x if t.batch_sizes is None else PackedSequence(x, t.batch_sizes)
     out, state = m(seq, h0 if c0 is None else (h0, c0))
     out = out if t.batch_sizes is None else out.data
     states = list(state) if isinstance(state, tuple) else [state]
     grads = [t.grad_out, t.grad_hn] + ([t.grad_cn] if c0 is not None else [])
-    torch.autograd.backward([out] + states, [g.to(dtype) for g in grads])
+    torch.autograd.backward([out] + states, [g.to(device, dtype) for g in grads])
     sfx = ("", "_reverse")[:case.D]
     result = {"out": out, "h_n": states[0], "dgx": x.grad, "dh0": h0.grad,
               "dw_hh": torch.stack([getattr(m, f"weight_hh_l0{s}").grad for s in sfx])}
@@ -535,16 +549,7 @@ def test_layer_any_strides_give_the_same_numbers(kind, H):
 
     case = LayerCase(kind, T=3, B=2, H=H, D=2, P=4 if kind == "lstm" and H == 37 else 0)
     t = layer_tensors(case)
-
-    def strided(x):  # the same values in a layout with no unit stride and the dims permuted
-        if x is None:
-            return None
-        big = torch.zeros(*reversed(x.shape), 2, dtype=x.dtype)
-        view = big[..., 0].permute(*reversed(range(x.dim())))
-        view.copy_(x)
-        return view
-
-    views = LayerTensors(*(v if k == "batch_sizes" else strided(v) for k, v in vars(t).items()))
+    views = strided_layer_tensors(t)
     dense, other = layer_ours(cpp_kernels, case, t), layer_ours(cpp_kernels, case, views)
     for name in dense:
         torch.testing.assert_close(dense[name], other[name], rtol=0, atol=0, msg=name)

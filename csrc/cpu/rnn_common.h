@@ -1,14 +1,8 @@
 // Shared pieces of the C++ CPU kernels of the recurrent cells (rnn_cells.cpp) and layers (rnn_layers.cpp): the
 // pointwise math, dtype handling, the per-step GEMM and the work split.
 //
-// Pointwise math. Every gate nonlinearity and its slope is computed from the float32 *pre-activation*, as the
-// Triton kernels do (kernels/rnn_cell.py): σ(a) and σ'(a) = e/(1 + e)² with e = exp(−|a|), tanh'(a) =
-// 4e/(1 + e)² with e = exp(−2|a|), so there is no cancellation of 1 − y² or σ(1 − σ) near saturation; tanh is
-// Cephes' odd polynomial for |x| < 0.625 and 1 − 2/(e^{2|x|} + 1) beyond (the Triton kernels' formula, so the
-// two backends round alike). exp is Cephes' expf (range reduction by ln 2, a degree-5 polynomial, ~1 ulp),
-// written without calls or branches (selects only: with -fno-trapping-math, see setup.py, they stay selects) so
-// that the per-unit loops vectorise; it flushes results below 2⁻¹²⁶ to 0 and keeps NaN and ±inf. Measured
-// against float64: exp ≤ 1.4 ulp, tanh ≤ 2.3 ulp, σ ≤ 3.3 ulp, σ' and tanh' ≤ 5.3 ulp.
+// Pointwise math: csrc/rnn_pointwise.h (σ, tanh and their slopes from the pre-activations, Cephes' expf), shared
+// with the CUDA kernels so that both backends round alike.
 //
 // dtypes. Inputs of float32, float16 or bfloat16 are converted to float32 (whole tensors, once per call, by ATen);
 // all math, every state and every workspace is float32, and the kernels' loops see float32 only (which is what
@@ -25,6 +19,8 @@
 #include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
 
+#include "../rnn_pointwise.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -40,94 +36,17 @@
 // x86-64 Linux each row function is also compiled for AVX2 (~5 ns) and AVX-512 (~2 ns), and the dynamic loader
 // picks the copy the CPU runs (target_clones, an ifunc): one build, fast on every machine, safe on old ones.
 #if defined(__GNUC__) || defined(__clang__)
-#define FASTSEQ_INLINE inline __attribute__((always_inline))
 #if defined(__x86_64__) && defined(__linux__) && !defined(__clang__) && !defined(FASTSEQ_NO_ISA_CLONES)
 #define FASTSEQ_ROW __attribute__((noinline, target_clones("avx512f", "avx2", "default")))
 #else
 #define FASTSEQ_ROW __attribute__((noinline))
 #endif
 #else
-#define FASTSEQ_INLINE __forceinline
 #define FASTSEQ_ROW __declspec(noinline)
 #endif
 
 namespace fastseq {
 namespace cpu {
-
-// ---------------------------------------------------------------------------------------------------------
-// Pointwise math (float32)
-// ---------------------------------------------------------------------------------------------------------
-
-FASTSEQ_INLINE float bits_as_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-// e^x. Cephes' expf: x = n·ln2 + r with |r| ≤ ln2/2, e^r ≈ 1 + r + r²·p(r), times 2^n built in the exponent
-// bits. Below ln(2⁻¹²⁶) the result is 0; above ln(FLT_MAX) it is +inf; NaN stays NaN.
-FASTSEQ_INLINE float exp_f32(float x) {
-  const float hi = 88.72283935546875f;
-  const float lo = -87.33654785156250f;
-  float xc = x > hi ? hi : x;
-  xc = xc < lo ? lo : xc;
-  xc = x == x ? xc : 0.0f;  // NaN: a harmless argument here, NaN restored below
-  float fx = xc * 1.44269504088896341f;
-  fx = (fx + 12582912.0f) - 12582912.0f;  // round to nearest integer (|fx| < 2²²)
-  float r = xc - fx * 0.693359375f;
-  r = r - fx * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const int32_t n = static_cast<int32_t>(fx);  // in [-126, 128]; 128 gives the bits of +inf
-  const float y = p * bits_as_float(static_cast<uint32_t>(n + 127) << 23);
-  float out = x < lo ? 0.0f : y;
-  out = x > hi ? std::numeric_limits<float>::infinity() : out;
-  return x == x ? out : x;
-}
-
-// σ(a) and σ'(a) = e/(1 + e)², e = exp(−|a|): no overflow, no cancellation near saturation.
-FASTSEQ_INLINE void sigmoid_and_grad(float a, float& s, float& ds) {
-  const float e = exp_f32(-std::fabs(a));
-  const float d = 1.0f / (1.0f + e);
-  const float ed = e * d;  // both sides computed: a select, not a branch, so the loops vectorise
-  s = a >= 0.0f ? d : ed;
-  ds = ed * d;
-}
-
-FASTSEQ_INLINE float sigmoid_f32(float a) {
-  const float e = exp_f32(-std::fabs(a));
-  const float d = 1.0f / (1.0f + e);
-  const float ed = e * d;
-  return a >= 0.0f ? d : ed;
-}
-
-// tanh'(a) = 4e/(1 + e)², e = exp(−2|a|): exact to rounding even where tanh(a) ≈ ±1.
-FASTSEQ_INLINE float tanh_grad_f32(float a) {
-  const float e = exp_f32(-2.0f * std::fabs(a));
-  const float d = 1.0f / (1.0f + e);
-  return 4.0f * e * d * d;
-}
-
-// tanh: |x| < 0.625 an odd minimax polynomial (Cephes' tanhf, ~1 ulp); beyond 1 − 2/(e^{2|x|} + 1), which
-// neither overflows nor cancels badly. NaN falls through both branches.
-FASTSEQ_INLINE float tanh_f32(float x) {
-  const float ax = std::fabs(x);
-  const float z = ax * ax;
-  const float p = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
-                    1.33314422036e-1f) * z - 3.33332819422e-1f);
-  const float small = ax + ax * z * p;
-  const float big = 1.0f - 2.0f / (exp_f32(2.0f * ax) + 1.0f);
-  const float t = ax < 0.625f ? small : big;
-  return x < 0.0f ? -t : t;
-}
-
-// torch.relu: NaN propagates (not std::max).
-FASTSEQ_INLINE float relu_f32(float a) { return a < 0.0f ? 0.0f : a; }
 
 // ---------------------------------------------------------------------------------------------------------
 // dtypes

@@ -29,7 +29,7 @@ def _kernels(backend: str):
         from fastseq.kernels import rnn_cell
 
         return rnn_cell
-    if backend == "cpp":
+    if backend in ("cpp", "cuda"):  # the same torch.ops.fastseq_cpp operators, dispatched on the tensors' device
         from fastseq import cpp_kernels
 
         return cpp_kernels

@@ -56,7 +56,7 @@ def _kernels(backend: str):
         from fastseq.kernels import rnn_seq
 
         return rnn_seq
-    if backend == "cpp":
+    if backend in ("cpp", "cuda"):  # the same torch.ops.fastseq_cpp operators, dispatched on the tensors' device
         from fastseq import cpp_kernels
 
         return cpp_kernels
