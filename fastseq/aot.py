@@ -580,7 +580,7 @@ def extension_report() -> dict:
         return {"built_with_cuda": False, "kernels": [], "note": f"fastseq._C is not built ({e}): no CUDA kernels"}
     if not ext.built_with_cuda():
         return {"built_with_cuda": False, "kernels": [], "library": ext.__file__,
-                "note": "fastseq._C was built without CUDA (no CUDA toolkit at build time, or no CUDA kernels yet): "
+                "note": "fastseq._C was built without CUDA (a CPU build of torch, or no CUDA toolkit at build time): "
                         "no CUDA kernels to report"}
     with tempfile.TemporaryDirectory(prefix="fastseq-aot-") as workdir:
         usage = subprocess.run([tool("cuobjdump"), "--dump-resource-usage", ext.__file__],

@@ -82,13 +82,18 @@ def _cuda_status() -> tuple[bool, str | None]:
     if _EXTENSION is None:
         return False, _EXTENSION_MISSING
     if not _EXTENSION.built_with_cuda():
-        return False, ("fastseq._C was built without CUDA kernels (none written yet, no CUDA toolkit found at build "
-                       "time, or FASTSEQ_NO_CUDA=1)")
+        return False, ("fastseq._C was built without its CUDA kernels (a CPU build of torch, no CUDA toolkit found at "
+                       "build time, or FASTSEQ_NO_CUDA=1); rebuild with a CUDA build of torch and nvcc on PATH or "
+                       "CUDA_HOME set")
     if not torch.cuda.is_available():
         return False, "no CUDA GPU is visible"
     if not EXTENSION_OPS["cuda"]:
-        return False, "fastseq._C has no CUDA kernels yet"
+        return False, "fastseq._C was built with CUDA but registers no CUDA kernel (a broken build?)"
     return True, None
+
+
+# The CUDA kernels' oldest architecture (bfloat16 tensor-core products and mma.sync m16n8k16 need sm_80).
+CUDA_MIN_CAPABILITY = (8, 0)
 
 
 def _cpp_status() -> tuple[bool, str | None]:
@@ -143,6 +148,10 @@ def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype) ->
             return f"the CUDA kernels take CUDA tensors; got a tensor on {device}"
         if op not in EXTENSION_OPS["cuda"]:
             return f"fastseq._C has no CUDA kernel for {op}"
+        capability = torch.cuda.get_device_capability(device)
+        if capability < CUDA_MIN_CAPABILITY:
+            return (f"the CUDA kernels need a GPU of compute capability {CUDA_MIN_CAPABILITY[0]}."
+                    f"{CUDA_MIN_CAPABILITY[1]} or newer; {device} is {capability[0]}.{capability[1]}")
     elif backend == "cpp":
         if device.type != "cpu":
             return f"the C++ kernels take CPU tensors; got a tensor on {device}"
