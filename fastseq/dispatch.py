@@ -132,6 +132,10 @@ def backends() -> dict[str, dict[str, object]]:
 TRITON_OPS = frozenset({"lstm_cell", "gru_cell", "rnn_cell", "lstm_layer", "gru_layer", "rnn_layer", "sdpa"})
 
 
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why ``backend`` cannot run ``op`` on ``device``/``dtype``, or ``None`` if it can."""
     available, reason = _status(backend)
@@ -148,7 +152,7 @@ def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype) ->
             return f"the CUDA kernels take CUDA tensors; got a tensor on {device}"
         if op not in EXTENSION_OPS["cuda"]:
             return f"fastseq._C has no CUDA kernel for {op}"
-        capability = torch.cuda.get_device_capability(device)
+        capability = _cuda_capability(device)
         if capability < CUDA_MIN_CAPABILITY:
             return (f"the CUDA kernels need a GPU of compute capability {CUDA_MIN_CAPABILITY[0]}."
                     f"{CUDA_MIN_CAPABILITY[1]} or newer; {device} is {capability[0]}.{capability[1]}")

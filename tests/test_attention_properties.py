@@ -11,6 +11,8 @@ gradient must be rounding noise (see ``_check_case``)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,6 +101,11 @@ def _torch_sdpa(q, k, v, mask, is_causal, scale, gqa):
     return F.scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal, scale=scale, enable_gqa=gqa)
 
 
+def _expand_kv(t, heads):
+    """k or v with its heads repeated to the query's (grouped-query attention)."""
+    return t.repeat_interleave(heads // t.shape[-3], dim=-3)
+
+
 def _run(fn, tensors, grad_out):
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     out = fn(*leaves)
@@ -108,12 +115,12 @@ def _run(fn, tensors, grad_out):
 KINDS = ["none", "bool", "float", "key_padding"]
 
 
-def _property(kind):
-    """The property for one mask kind (25 examples each: hypothesis' derandomized examples cluster, so one
+def _property(kind, examples):
+    """The property for one mask kind (``examples`` each: hypothesis' derandomized examples cluster, so one
     test over every kind would see few of some)."""
 
     # no shrinking: a failure is reported as generated (shrinking under the interpreter takes minutes)
-    @settings(max_examples=25, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
     @given(case=cases(kind))
     def check(device, case):
@@ -126,7 +133,9 @@ def _property(kind):
 def test_sdpa_matches_reference(backend, kind):
     # (device, backend) travels as the property's `device` argument: hypothesis derives its derandomized
     # examples from the property's source, which stays as it was before the backends were parametrised
-    _property(kind)(backend)
+    # 25 examples per kind; 15 where the Triton kernels are interpreted on CPU (about a second an example)
+    device, name = backend
+    _property(kind, 15 if (name == "triton" and torch.device(device).type == "cpu") else 25)(backend)
 
 
 def _check_case(target, case):
@@ -145,6 +154,16 @@ def _check_case(target, case):
     ref = _run(lambda a, b, c: reference.scaled_dot_product_attention(a, b, c, m64, 0.0, is_causal, scale, gqa),
                (q.double(), k.double(), v.double()), grad_out.double())
 
+    # The flash-style backward recomputes P = exp2(s₂ − lse₂) from float32 scores and log-sum-exp where torch's
+    # math backend keeps the P of its forward: each recomputed probability then carries a relative error of up to
+    # about 2⁻²⁴·|s₂|·ln 2 (the rounding of s₂ and of lse₂, s₂ = log₂e · scale · q·k), which no accumulation
+    # order removes. With large logits (|s₂| ~ 20) that term, not twice torch's error, bounds the gradients.
+    s2 = (q.double() @ _expand_kv(k.double(), q.shape[-3]).transpose(-1, -2)).abs().max().item()
+    s2 *= abs(scale if scale is not None else q.shape[-1] ** -0.5)
+    if mask is not None and mask.is_floating_point() and torch.isfinite(mask).any():
+        s2 += mask[torch.isfinite(mask)].abs().max().item()
+    s2 *= 1.4426950408889634
+    recompute_floor = 2 * math.log(2) * 2.0**-24 * s2
     failures = []
     for name, o, t, r in zip(["output", "grad query", "grad key", "grad value"], ours, theirs, ref):
         assert o.shape == r.shape == t.shape, (name, o.shape, t.shape, r.shape)
@@ -160,7 +179,7 @@ def _check_case(target, case):
                 failures.append(f"{name}: reference 0, fastseq's norm {o.norm().item():.3e} > {noise + 1e-6:.3e}")
             continue
         err, torch_err = rel_err(o, r), rel_err(t, r)
-        if not err <= tolerance(torch_err, DTYPE):
-            failures.append(f"{name}: error {err:.3e} > tolerance {tolerance(torch_err, DTYPE):.3e} "
-                            f"(torch's own {torch_err:.3e})")
+        bound = tolerance(torch_err, DTYPE) + (recompute_floor if name != "output" else 0.0)
+        if not err <= bound:
+            failures.append(f"{name}: error {err:.3e} > tolerance {bound:.3e} (torch's own {torch_err:.3e})")
     assert not failures, f"{case}: " + "; ".join(failures)

@@ -211,6 +211,7 @@ def all_backends_runnable(monkeypatch):
     monkeypatch.setitem(dispatch.EXTENSION_OPS, "cpu", ops)
     monkeypatch.setitem(dispatch.EXTENSION_OPS, "cuda", ops)
     monkeypatch.setattr(dispatch, "TRITON_INTERPRET", True)
+    monkeypatch.setattr(dispatch, "_cuda_capability", lambda device: (9, 0))  # a described H100
     dispatch._AUTO_CACHE.clear()
     yield
     dispatch._AUTO_CACHE.clear()

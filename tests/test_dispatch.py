@@ -61,6 +61,21 @@ def test_wrong_device_and_missing_kernel_with_an_available_extension(monkeypatch
     assert dispatch.select("gru_cell", torch.device("cpu"), torch.float32, "cpp") == "cpp"
 
 
+@pytest.mark.parametrize("capability, runs", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_cuda_kernels_refuse_gpus_older_than_sm80(monkeypatch, capability, runs):
+    """The CUDA kernels are built for sm_80 and newer: an older GPU gets the reason, and auto passes it over."""
+    monkeypatch.setitem(dispatch._STATUS, "cuda", (True, None))
+    monkeypatch.setitem(dispatch.EXTENSION_OPS, "cuda", frozenset({"gru_cell"}))
+    monkeypatch.setattr(dispatch, "_cuda_capability", lambda device: capability)
+    gpu = torch.device("cuda")
+    if runs:
+        assert dispatch.select("gru_cell", gpu, torch.float16, "cuda") == "cuda"
+    else:
+        with pytest.raises(fastseq.BackendUnavailableError, match="compute capability 8.0 or newer; cuda is 7.5"):
+            dispatch.select("gru_cell", gpu, torch.float16, "cuda")
+        assert dispatch.select("gru_cell", gpu, torch.float16, "auto", hidden=64) != "cuda"
+
+
 def test_auto_runs_only_what_can_run(monkeypatch):
     """"auto" never picks a backend that cannot run the call (whatever the crossover table says), and falls back
     to torch where none can; an explicit backend still runs any size. (tests/test_bench.py checks that "auto"

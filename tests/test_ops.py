@@ -19,26 +19,34 @@ def _params(gates, input_size, hidden_size, device, requires_grad, bias=True):
     return (w_ih, w_hh, p(gates * hidden_size), p(gates * hidden_size)) if bias else (w_ih, w_hh, None, None)
 
 
+# (requires_grad, save, with_state, bias): every pair of values of any two flags appears in some row (a pairwise
+# covering array), so an interaction of two options is checked without the 16 rows of the full product (each
+# opcheck runs the operator a dozen times, under the Triton interpreter on CPU).
+_FLAG_ROWS = ((False, False, False, False), (False, True, True, True), (True, False, True, True),
+              (True, True, False, True), (True, True, True, False))
+
+
 def _forward_cases(device, backend):
     """(operator, args) for each forward operator over state/no-state, bias/no-bias, save/no-save, grad/no-grad."""
     B, I, H = 3, 5, 7
-    for requires_grad in (False, True):
-        for save in (False, True):
-            for with_state in (True, False):
-                for bias in (True, False):
-                    x = torch.randn(B, I, device=device, requires_grad=requires_grad)
+    for requires_grad, save, with_state, bias in _FLAG_ROWS:
+        x = torch.randn(B, I, device=device, requires_grad=requires_grad)
 
-                    def state():
-                        if not with_state:
-                            return None
-                        return torch.randn(B, H, device=device, requires_grad=requires_grad)
+        def state():
+            if not with_state:
+                return None
+            return torch.randn(B, H, device=device, requires_grad=requires_grad)
 
-                    yield ops.lstm_cell, (x, state(), state(), *_params(4, I, H, device, requires_grad, bias),
-                                          backend, save)
-                    yield ops.gru_cell, (x, state(), *_params(3, I, H, device, requires_grad, bias), backend, save)
-                    for nl in ("tanh", "relu"):
-                        yield ops.rnn_cell, (x, state(), *_params(1, I, H, device, requires_grad, bias), nl,
-                                             backend, save)
+        yield ops.lstm_cell, (x, state(), state(), *_params(4, I, H, device, requires_grad, bias), backend, save)
+        yield ops.gru_cell, (x, state(), *_params(3, I, H, device, requires_grad, bias), backend, save)
+        for nl in ("tanh", "relu"):
+            yield ops.rnn_cell, (x, state(), *_params(1, I, H, device, requires_grad, bias), nl, backend, save)
+
+
+def test_flag_rows_cover_every_pair():
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert {(r[i], r[j]) for r in _FLAG_ROWS} == {(a, b) for a in (False, True) for b in (False, True)}
 
 
 def test_opcheck_forward_operators(device, kernel_backend):

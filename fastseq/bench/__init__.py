@@ -79,6 +79,14 @@ def _cpu_name() -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs)"
 
 
+def _load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages: a busy machine stretches CPU timings (and their spread)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def _meta(args, device: torch.device, timer, backends: list[str]) -> dict:
     import fastseq
 
@@ -96,6 +104,7 @@ def _meta(args, device: torch.device, timer, backends: list[str]) -> dict:
         "git": _git(), "threads": torch.get_num_threads(), "timer": timer.name, "rounds": args.rounds,
         "min_time_s": args.min_time, "backends_measured": backends, "fastseq_backends": fastseq.backends(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        "cpus": os.cpu_count(), "load_average_at_start": _load_average(),
     }
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)

@@ -111,7 +111,8 @@ def meta_lines(meta: dict) -> list[str]:
     """Where, when and with what: device, versions, timer, the measured ceilings (markdown list items)."""
     lines = []
     for key in ("device_name", "device", "threads", "python", "torch", "torch_cuda", "cudnn", "triton", "fastseq",
-                "git", "started", "elapsed_s", "timer", "rounds", "min_time_s"):
+                "git", "started", "elapsed_s", "timer", "rounds", "min_time_s", "cpus", "load_average_at_start",
+                "load_average_at_end"):
         if meta.get(key) is not None:
             lines.append(f"- **{key}**: `{meta[key]}`")
     c = meta.get("ceilings")
