@@ -223,6 +223,7 @@ def run(args) -> int:
         report.write_json(json_path, meta, rows)  # after every case: an interrupted run keeps what it measured
     bar.close()
     meta["elapsed_s"] = round(time.monotonic() - t0, 1)
+    meta["load_average_at_end"] = _load_average()
     failed = failures(rows)
     meta["failures"] = failed
     meta["skipped"] = sum(r.get("status") == "skipped" for r in rows)
