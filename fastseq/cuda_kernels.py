@@ -24,7 +24,7 @@ import fastseq._C  # noqa: F401  (loading the extension registers torch.ops.fast
 # The operator namespace the launchers call (the CPU emulation tests point it at their own build).
 _ops = torch.ops.fastseq_cpp
 
-# What the CUDA attention kernels take (csrc/cuda/attention_host.h: kMaxHeadSize, check_qkv).
+# What the CUDA attention kernels take (csrc/cuda/attention_cuda_ops.cpp: kMaxHeadSize, check_qkv).
 MAX_HEAD_SIZE = 256
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

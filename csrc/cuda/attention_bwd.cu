@@ -1,6 +1,6 @@
 // Attention backward in CUDA (torch.ops.fastseq_cpp.sdpa_bwd): three launches, no atomics, deterministic, as
-// kernels/attention.py's backward. The device pieces are in attention_common.cuh, the host checks in
-// attention_host.h.
+// kernels/attention.py's backward: the kernels and their launch function (attention_kernels.h). The device
+// pieces are in attention_common.cuh, the operator (checks, outputs, workspace) in attention_cuda_ops.cpp.
 //
 // Math (per (batch, head), base 2 as the forward): P = exp2(s₂ − lse₂) recomputed from the saved lse₂ (0 on
 // rows where no key took part: lse₂ = +∞), P̃ = P ⊙ keep / (1 − p), D = rowsum(dO ⊙ O) (= Σⱼ P̃ⱼ dP̃ⱼ, since O
@@ -26,7 +26,7 @@
 // reduction because one block owns a key/value head's whole group. Tiles a mask removes entirely (a block
 // vote on the mask tile) and tiles past the causal limit are skipped, in both (2) and (3).
 
-#include "attention_host.h"
+#include "attention_common.cuh"
 
 namespace fastseq {
 namespace attn {
@@ -289,106 +289,69 @@ FASTSEQ_KERNEL(32 * DqConfig<T, D>::kWarps, 1) attn_bwd_dq_kernel(const AttnArgs
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Host
+// Launch functions (attention_kernels.h)
 // ---------------------------------------------------------------------------------------------------------
 
+template <typename T, int D>
+BwdShape bwd_shape() {
+  using K = DkdvConfig<T, D>;
+  using Q = DqConfig<T, D>;
+  return {{K::kBlockM, K::kBlockN, 32 * K::kWarps, DkdvLayout<T, D>::kBytes},
+          {Q::kBlockM, Q::kBlockN, 32 * Q::kWarps, DqLayout<T, D>::kBytes}};
+}
+
 template <typename T, int D, int MODE>
-void launch_dkdv(AttnArgs a, int64_t kv_heads) {
+cudaError_t launch_dkdv(AttnArgs a, int kv_heads, cudaStream_t stream) {
   using C = DkdvConfig<T, D>;
   using Layout = DkdvLayout<T, D>;
-  a.kv_heads = int(kv_heads);
+  a.kv_heads = kv_heads;
   const int64_t blocks = ceil_div(a.S, C::kBlockN) * a.B * kv_heads;
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "sdpa_bwd: grid too large (", blocks, " blocks)");
   auto kernel = attn_bwd_dkdv_kernel<T, D, MODE>;
-  prepare_launch(kernel, Layout::kBytes, "sdpa_bwd (dK, dV)");
-  FASTSEQ_LAUNCH(kernel, dim3(unsigned(blocks)), 32 * C::kWarps, Layout::kBytes, a);
+  const cudaError_t error = allow_shared(kernel, Layout::kBytes);
+  if (error != cudaSuccess) return error;
+  FASTSEQ_LAUNCH(kernel, dim3(unsigned(blocks)), 32 * C::kWarps, Layout::kBytes, stream, a);
+  return cudaSuccess;
 }
 
 template <typename T, int D>
-void launch_bwd(const AttnArgs& a, int64_t Hk, int64_t Hv) {
+cudaError_t launch_bwd(const AttnArgs& a, int Hk, int Hv, cudaStream_t stream) {
   const int64_t rows = int64_t(a.B) * a.H * a.L;
   auto delta_kernel = attn_bwd_delta_kernel<T>;
-  FASTSEQ_LAUNCH(delta_kernel, dim3(unsigned(ceil_div(rows, kDeltaThreads))), kDeltaThreads, 0, a);
+  FASTSEQ_LAUNCH(delta_kernel, dim3(unsigned(ceil_div(rows, kDeltaThreads))), kDeltaThreads, 0, stream, a);
   // dK and dV in one pass where both accumulators fit in registers (heads <= 128) and they share their heads
+  cudaError_t error = cudaSuccess;
   if constexpr (D <= 128) {
     if (Hk == Hv) {
-      launch_dkdv<T, D, kDkDv>(a, Hk);
+      error = launch_dkdv<T, D, kDkDv>(a, Hk, stream);
     } else {
-      launch_dkdv<T, D, kDk>(a, Hk);
-      launch_dkdv<T, D, kDv>(a, Hv);
+      error = launch_dkdv<T, D, kDk>(a, Hk, stream);
+      if (error == cudaSuccess) error = launch_dkdv<T, D, kDv>(a, Hv, stream);
     }
   } else {
-    launch_dkdv<T, D, kDk>(a, Hk);
-    launch_dkdv<T, D, kDv>(a, Hv);
+    error = launch_dkdv<T, D, kDk>(a, Hk, stream);
+    if (error == cudaSuccess) error = launch_dkdv<T, D, kDv>(a, Hv, stream);
   }
+  if (error != cudaSuccess) return error;
   using C = DqConfig<T, D>;
   using Layout = DqLayout<T, D>;
   const int64_t blocks = ceil_div(a.L, C::kBlockM) * a.B * a.H;
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "sdpa_bwd: grid too large (", blocks, " blocks)");
   auto dq_kernel = attn_bwd_dq_kernel<T, D>;
-  prepare_launch(dq_kernel, Layout::kBytes, "sdpa_bwd (dQ)");
-  FASTSEQ_LAUNCH(dq_kernel, dim3(unsigned(blocks)), 32 * C::kWarps, Layout::kBytes, a);
+  error = allow_shared(dq_kernel, Layout::kBytes);
+  if (error != cudaSuccess) return error;
+  FASTSEQ_LAUNCH(dq_kernel, dim3(unsigned(blocks)), 32 * C::kWarps, Layout::kBytes, stream, a);
+  return cudaSuccess;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sdpa_bwd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const c10::optional<at::Tensor>& mask, const at::Tensor& out, const at::Tensor& lse,
-    const c10::optional<at::Tensor>& seed, double p_drop, bool is_causal, int64_t diag, double scale,
-    bool mask_grad) {
-  check_qkv(q, k, v);
-  check_mask(mask, q, k.size(2));
-  check_seed(seed, q);
-  check_probability(p_drop);
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), S = k.size(2), Ev = v.size(3);
-  const auto check_like_out = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) == H && t.size(2) == L && t.size(3) == Ev, name,
-                " must have shape (B, H, L, Ev) = ", c10::IntArrayRef({B, H, L, Ev}), ", got ", shape_of(t));
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, " must have query's dtype (", q.scalar_type(), "), got ",
-                t.scalar_type());
-    check_device(t, name, q);
-  };
-  check_like_out(grad_out, "grad_out");
-  check_like_out(out, "out");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 3 && lse.size(0) == B &&
-                  lse.size(1) == H && lse.size(2) == L,
-              "lse must be a contiguous float32 tensor of shape (B, H, L) = ", c10::IntArrayRef({B, H, L}),
-              ", got ", lse.scalar_type(), " of shape ", shape_of(lse));
-  check_device(lse, "lse", q);
-  TORCH_CHECK(!mask_grad || (mask.has_value() && mask->is_floating_point()),
-              "mask_grad needs a floating-point mask, got ", mask.has_value() ? c10::str(mask->scalar_type()) : "none");
-  FASTSEQ_DEVICE_GUARD(q);
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
-  at::Tensor dmask = mask_grad ? at::zeros({B, H, L, S}, q.options().dtype(at::kFloat))
-                               : at::empty({0}, q.options().dtype(at::kFloat));
-  if (B * H == 0) return {dq, dk, dv, dmask};
-  if (L == 0 || S == 0) {  // nothing attends: every gradient is zero
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    return {dq, dk, dv, dmask};
-  }
-  AttnArgs a = common_args(q, k, v, mask, seed, p_drop, is_causal, diag, scale);
-  a.dout = operand(grad_out);
-  a.out = operand(out);
-  at::Tensor delta = at::empty({B, H, L}, q.options().dtype(at::kFloat));
-  a.delta = delta.data_ptr<float>();
-  a.lse = lse.data_ptr<float>();
-  a.dq = dq.data_ptr();
-  a.dk = dk.data_ptr();
-  a.dv = dv.data_ptr();
-  a.want_dmask = mask_grad;
-  a.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
-  dispatch(q.scalar_type(), head_class(a.E, a.Ev), [&](auto zero, auto head) {
-    launch_bwd<decltype(zero), decltype(head)::value>(a, k.size(1), v.size(1));
-  });
-  return {dq, dk, dv, dmask};
-}
+#define FASTSEQ_ATTN_BWD_INSTANCES(T, D) \
+  template BwdShape bwd_shape<T, D>();   \
+  template cudaError_t launch_bwd<T, D>(const AttnArgs&, int, int, cudaStream_t);
+#define FASTSEQ_ATTN_BWD_HEADS(T)    \
+  FASTSEQ_ATTN_BWD_INSTANCES(T, 64)  \
+  FASTSEQ_ATTN_BWD_INSTANCES(T, 128) \
+  FASTSEQ_ATTN_BWD_INSTANCES(T, 256)
+FASTSEQ_ATTN_BWD_HEADS(float)
+FASTSEQ_ATTN_BWD_HEADS(c10::Half)
+FASTSEQ_ATTN_BWD_HEADS(c10::BFloat16)
 
 }  // namespace attn
 }  // namespace fastseq
-
-FASTSEQ_ATTN_IMPL(FASTSEQ_ATTN_NAMESPACE, FASTSEQ_ATTN_DISPATCH_KEY, m) {
-  m.impl("sdpa_bwd", &fastseq::attn::sdpa_bwd);
-}

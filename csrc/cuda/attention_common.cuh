@@ -1,6 +1,7 @@
-// Shared pieces of the CUDA attention kernels (attention_fwd.cu, attention_bwd.cu): the arguments, the tile
-// configurations, the warp-level products on tensor cores (mma.sync m16n8k16, ldmatrix) and their float32
-// twins on CUDA cores, the tile loaders, the score bias (masks, causality, bounds) and the dropout RNG.
+// Shared pieces of the CUDA attention kernels (attention_fwd.cu, attention_bwd.cu): the tile configurations, the
+// warp-level products on tensor cores (mma.sync m16n8k16, ldmatrix) and their float32 twins on CUDA cores, the
+// tile loaders, the score bias (masks, causality, bounds), the dropout RNG and the launch macro. The arguments
+// (AttnArgs) and the launch functions' declarations are in attention_kernels.h, which includes no ATen header.
 //
 // Math and conventions are those of kernels/attention.py (the Triton backend), which the operators in
 // fastseq/ops/attention.py call through the same launcher contract: scores s = scale · q kᵀ + bias in base 2
@@ -28,6 +29,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "attention_kernels.h"
+
 #ifdef FASTSEQ_CUDA_EMULATION
 #include "cuda_emulator.h"
 #define FASTSEQ_HOST_DEVICE inline
@@ -43,10 +46,7 @@
 namespace fastseq {
 namespace attn {
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -INFINITY;
-// Query rows up to which a call with many keys may take the split-key decode path (as the Triton launcher).
-constexpr int kDecodeMaxRows = 16;
 
 // ---------------------------------------------------------------------------------------------------------
 // Thread indices, barriers and warp exchanges (the emulator provides its own)
@@ -92,45 +92,6 @@ FASTSEQ_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) 
 FASTSEQ_HOST_DEVICE int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 FASTSEQ_HOST_DEVICE int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
 FASTSEQ_DEVICE int warp_id() { return thread_id() >> 5; }
-
-// ---------------------------------------------------------------------------------------------------------
-// Arguments
-// ---------------------------------------------------------------------------------------------------------
-
-enum MaskKind : int { kMaskNone = 0, kMaskBool = 1, kMaskFloat32 = 2, kMaskInputDtype = 3 };
-
-// A 4-D operand (batch, head, row, column) as stored: a broadcast dimension has stride 0. `vec`: rows can be
-// read as 16-byte vectors (unit column stride, every other stride and the base aligned to 16 bytes, the row
-// length a multiple of the vector).
-struct Operand {
-  const void* ptr = nullptr;
-  int64_t stride[4] = {0, 0, 0, 0};
-  bool vec = false;
-};
-
-struct AttnArgs {
-  Operand q, k, v, mask, dout, out;  // `out`: the forward's output, read by backward's D = rowsum(dO ⊙ O)
-  void* o = nullptr;                 // forward output (B, H, L, Ev), contiguous
-  float* lse = nullptr;              // (B, H, L), base 2
-  float* delta = nullptr;            // backward: D (B, H, L)
-  float* part = nullptr;             // decode: (B·H, splits, L, Ev) unnormalised partial outputs
-  float* part_ml = nullptr;          // decode: (B·H, splits, 2, L) partial (m, l)
-  float* dmask = nullptr;            // backward: dS (B, H, L, S) float32 when the float mask needs a gradient
-  void* dq = nullptr;                // (B, H, L, E), contiguous
-  void* dk = nullptr;                // (B, Hk, S, E), contiguous
-  void* dv = nullptr;                // (B, Hv, S, Ev), contiguous
-  const int64_t* seed = nullptr;     // (seed, stream) int64, device memory; null without dropout
-  int B = 0, H = 0, L = 0, S = 0, E = 0, Ev = 0;
-  int group_k = 1, group_v = 1;      // query heads per key head and per value head
-  int kv_heads = 1;                  // dK/dV pass: the key or value heads it owns (Hk or Hv)
-  int mask_kind = kMaskNone;
-  bool causal = false;
-  bool dropout = false;
-  bool want_dmask = false;
-  int64_t diag = 0;                  // causal: key j takes part for query i when j <= i + diag
-  float scale = 1.f, scale_log2 = kLog2e, p_drop = 0.f, drop_scale = 1.f;
-  int tiles_per_split = 0, num_splits = 1;
-};
 
 // ---------------------------------------------------------------------------------------------------------
 // Element types: c10::Half / c10::BFloat16 on tensor cores, float on CUDA cores
@@ -639,6 +600,39 @@ FASTSEQ_DEVICE void keep_cols(bool (&keep)[NT][4], const DropoutKey& key, float 
         if (e == (u ^ d)) keep[j][e] = k;
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Launches (the launch functions at the end of attention_fwd.cu and attention_bwd.cu)
+// ---------------------------------------------------------------------------------------------------------
+
+#ifdef FASTSEQ_CUDA_EMULATION
+using emu::dim3;
+// A kernel pointer (no template commas inside the macro), its grid, threads, dynamic shared bytes, stream,
+// arguments; on the emulator the stream is ignored and the kernel runs to its end (its errors throw).
+#define FASTSEQ_LAUNCH(kernel, grid, threads, smem, stream, ...) \
+  ::emu::launch((grid), (threads), (smem), [&] { kernel(__VA_ARGS__); })
+#else
+// ... in the enclosing launch function, which returns the launch's error if there is one.
+#define FASTSEQ_LAUNCH(kernel, grid, threads, smem, stream, ...)                        \
+  do {                                                                                  \
+    kernel<<<(grid), (threads), (smem), (stream)>>>(__VA_ARGS__);                       \
+    const cudaError_t fastseq_launch_error = cudaGetLastError();                        \
+    if (fastseq_launch_error != cudaSuccess) return fastseq_launch_error;               \
+  } while (0)
+#endif
+
+// Lets `kernel` take `bytes` of dynamic shared memory (above 48 KiB a kernel must opt in); the operators have
+// checked the device's limit.
+template <typename Kernel>
+cudaError_t allow_shared(Kernel kernel, size_t bytes) {
+#ifdef FASTSEQ_CUDA_EMULATION
+  (void)kernel;
+  (void)bytes;
+#else
+  if (bytes > 48 * 1024) return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+#endif
+  return cudaSuccess;
 }
 
 }  // namespace attn

@@ -1,6 +1,7 @@
 // Attention forward in CUDA (torch.ops.fastseq_cpp.sdpa_fwd), its split-key decode path, and the dropout
-// keep-mask generator (sdpa_dropout_mask). The semantics are those of kernels/attention.py (the Triton
-// backend); the device pieces are in attention_common.cuh, the host checks in attention_host.h.
+// keep-mask generator (sdpa_dropout_mask): the kernels and their launch functions (attention_kernels.h). The
+// semantics are those of kernels/attention.py (the Triton backend); the device pieces are in
+// attention_common.cuh, the operators (checks, outputs, the choice of splits) in attention_cuda_ops.cpp.
 //
 // Math: for one (batch, head), q (L, E), k (S, E), v (S, Ev): s₂ = log₂e · (scale · q kᵀ + bias) (bias: 0 / −∞
 // from a bool mask, causality and bounds, a float mask as is), P = softmax over keys (0 on a row where no key
@@ -24,7 +25,7 @@
 // (row block, head); each writes its unnormalised float32 accumulator and (m, l), and
 // attn_fwd_combine_kernel merges them: out = Σ wᵢ accᵢ / Σ wᵢ lᵢ with wᵢ = exp2(mᵢ − max m).
 
-#include "attention_host.h"
+#include "attention_common.cuh"
 
 namespace fastseq {
 namespace attn {
@@ -195,9 +196,8 @@ FASTSEQ_KERNEL(kCombineThreads) attn_fwd_combine_kernel(const AttnArgs a) {
   if (thread_id() == 0) a.lse[bh * a.L + row] = dead ? INFINITY : m_max + log2f(l_sum);
 }
 
-// The keep-mask (uint8 (B·H, L, S)) the attention kernels draw: one thread per (batch·head, row, key group).
-constexpr int kKeepThreads = 256;
-
+// The keep-mask (uint8 (B·H, L, S)) the attention kernels draw: one thread per (batch·head, row, key group),
+// kKeepThreads (attention_kernels.h) per block.
 FASTSEQ_KERNEL(kKeepThreads) dropout_keep_kernel(const int64_t* seed, uint8_t* out, int64_t BH, int64_t L,
                                                  int64_t S, float p_drop) {
   const int64_t groups = (S + 3) / 4;
@@ -211,93 +211,51 @@ FASTSEQ_KERNEL(kKeepThreads) dropout_keep_kernel(const int64_t* seed, uint8_t* o
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Host
+// Launch functions (attention_kernels.h)
 // ---------------------------------------------------------------------------------------------------------
 
-// As kernels/attention.py's decode_splits: 1 (the general kernel) unless there are few query rows, at least 4
-// key tiles, and fewer (row block, head) blocks than SMs; then enough splits to give every SM about two blocks,
-// each at least two tiles.
-int64_t decode_splits(int64_t BH, int64_t L, int64_t S, int block_m, int block_n, int sms) {
-  if (L > kDecodeMaxRows) return 1;
-  const int64_t tiles = ceil_div(S, block_n), blocks = BH * ceil_div(L, block_m);
-  if (tiles < 4 || blocks >= sms) return 1;
-  const int64_t splits = std::max<int64_t>(1, std::min(ceil_div(2 * sms, blocks), tiles / 2));
-  return ceil_div(tiles, ceil_div(tiles, splits));
+template <typename T, int D>
+KernelShape fwd_shape() {
+  using C = FwdConfig<T, D>;
+  return {C::kBlockM, C::kBlockN, 32 * C::kWarps, FwdLayout<T, D>::kBytes};
 }
 
 template <typename T, int D>
-void launch_fwd(AttnArgs a, const at::Tensor& q, int64_t num_splits, at::Tensor& out, at::Tensor& lse) {
+cudaError_t launch_fwd(const AttnArgs& a, cudaStream_t stream) {
   using C = FwdConfig<T, D>;
   using Layout = FwdLayout<T, D>;
   const int64_t BH = int64_t(a.B) * a.H, m_blocks = ceil_div(a.L, C::kBlockM);
-  if (num_splits <= 0) num_splits = decode_splits(BH, a.L, a.S, C::kBlockM, C::kBlockN, num_sms(q));
-  const int64_t tiles = ceil_div(a.S, C::kBlockN);
-  num_splits = std::max<int64_t>(1, std::min(num_splits, tiles));
-  const int64_t per_split = tiles > 0 ? ceil_div(tiles, num_splits) : 0;
-  num_splits = tiles > 0 ? ceil_div(tiles, per_split) : 1;
-  TORCH_CHECK(BH * m_blocks < (int64_t(1) << 31) && num_splits < 65536, "sdpa_fwd: grid too large (B·H = ", BH,
-              ", row blocks ", m_blocks, ", splits ", num_splits, ")");
-  a.num_splits = int(num_splits);
-  a.tiles_per_split = int(per_split);
-  a.o = out.data_ptr();
-  a.lse = lse.data_ptr<float>();
-  at::Tensor part, part_ml;
-  if (num_splits > 1) {
-    part = at::empty({BH, num_splits, a.L, a.Ev}, q.options().dtype(at::kFloat));
-    part_ml = at::empty({BH, num_splits, 2, a.L}, q.options().dtype(at::kFloat));
-    a.part = part.data_ptr<float>();
-    a.part_ml = part_ml.data_ptr<float>();
-  }
   auto kernel = attn_fwd_kernel<T, D>;
-  prepare_launch(kernel, Layout::kBytes, "sdpa_fwd");
-  FASTSEQ_LAUNCH(kernel, dim3(unsigned(BH * m_blocks), unsigned(num_splits)), 32 * C::kWarps, Layout::kBytes, a);
-  if (num_splits > 1) {
+  const cudaError_t error = allow_shared(kernel, Layout::kBytes);
+  if (error != cudaSuccess) return error;
+  FASTSEQ_LAUNCH(kernel, dim3(unsigned(BH * m_blocks), unsigned(a.num_splits)), 32 * C::kWarps, Layout::kBytes,
+                 stream, a);
+  if (a.num_splits > 1) {
     auto combine = attn_fwd_combine_kernel<T>;
-    FASTSEQ_LAUNCH(combine, dim3(unsigned(BH * a.L)), kCombineThreads, 0, a);
+    FASTSEQ_LAUNCH(combine, dim3(unsigned(BH * a.L)), kCombineThreads, 0, stream, a);
   }
+  return cudaSuccess;
 }
 
-std::tuple<at::Tensor, at::Tensor> sdpa_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                            const c10::optional<at::Tensor>& mask,
-                                            const c10::optional<at::Tensor>& seed, double p_drop, bool is_causal,
-                                            int64_t diag, double scale, int64_t num_splits) {
-  check_qkv(q, k, v);
-  check_mask(mask, q, k.size(2));
-  check_seed(seed, q);
-  check_probability(p_drop);
-  FASTSEQ_DEVICE_GUARD(q);
-  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), Ev = v.size(3);
-  at::Tensor out = at::empty({B, H, L, Ev}, q.options());
-  at::Tensor lse = at::empty({B, H, L}, q.options().dtype(at::kFloat));
-  if (B * H * L == 0) return {out, lse};
-  const AttnArgs a = common_args(q, k, v, mask, seed, p_drop, is_causal, diag, scale);
-  dispatch(q.scalar_type(), head_class(a.E, a.Ev), [&](auto zero, auto head) {
-    launch_fwd<decltype(zero), decltype(head)::value>(a, q, num_splits, out, lse);
-  });
-  return {out, lse};
+cudaError_t launch_dropout_keep(const int64_t* seed, uint8_t* out, int64_t BH, int64_t L, int64_t S, float p_drop,
+                                cudaStream_t stream) {
+  const int64_t threads = BH * L * ceil_div(S, 4);
+  auto kernel = dropout_keep_kernel;
+  FASTSEQ_LAUNCH(kernel, dim3(unsigned(ceil_div(threads, kKeepThreads))), kKeepThreads, 0, stream, seed, out, BH, L,
+                 S, p_drop);
+  return cudaSuccess;
 }
 
-at::Tensor sdpa_dropout_mask(const at::Tensor& seed, int64_t B, int64_t H, int64_t L, int64_t S, double p_drop) {
-  check_seed(seed, seed);
-  check_probability(p_drop);
-  TORCH_CHECK(B >= 0 && H >= 0 && L >= 0 && S >= 0, "sdpa_dropout_mask: sizes must be >= 0, got B=", B, ", H=", H,
-              ", L=", L, ", S=", S);
-  FASTSEQ_DEVICE_GUARD(seed);
-  at::Tensor out = at::empty({B * H, L, S}, seed.options().dtype(at::kByte));
-  const int64_t threads = B * H * L * ceil_div(S, 4);
-  if (threads > 0) {
-    TORCH_CHECK(ceil_div(threads, kKeepThreads) < (int64_t(1) << 31), "sdpa_dropout_mask: too many elements");
-    auto kernel = dropout_keep_kernel;
-    FASTSEQ_LAUNCH(kernel, dim3(unsigned(ceil_div(threads, kKeepThreads))), kKeepThreads, 0, seed.data_ptr<int64_t>(),
-                   out.data_ptr<uint8_t>(), B * H, L, S, float(p_drop));
-  }
-  return out.view(at::kBool).reshape({B, H, L, S});
-}
+#define FASTSEQ_ATTN_FWD_INSTANCES(T, D) \
+  template KernelShape fwd_shape<T, D>();  \
+  template cudaError_t launch_fwd<T, D>(const AttnArgs&, cudaStream_t);
+#define FASTSEQ_ATTN_FWD_HEADS(T)    \
+  FASTSEQ_ATTN_FWD_INSTANCES(T, 64)  \
+  FASTSEQ_ATTN_FWD_INSTANCES(T, 128) \
+  FASTSEQ_ATTN_FWD_INSTANCES(T, 256)
+FASTSEQ_ATTN_FWD_HEADS(float)
+FASTSEQ_ATTN_FWD_HEADS(c10::Half)
+FASTSEQ_ATTN_FWD_HEADS(c10::BFloat16)
 
 }  // namespace attn
 }  // namespace fastseq
-
-FASTSEQ_ATTN_IMPL(FASTSEQ_ATTN_NAMESPACE, FASTSEQ_ATTN_DISPATCH_KEY, m) {
-  m.impl("sdpa_fwd", &fastseq::attn::sdpa_fwd);
-  m.impl("sdpa_dropout_mask", &fastseq::attn::sdpa_dropout_mask);
-}

@@ -24,6 +24,12 @@
 #include <string>
 #include <vector>
 
+// Stand-ins of the CUDA runtime's stream and error types, for the launch functions' signatures
+// (csrc/cuda/attention_kernels.h): on the emulator a launch runs to its end and reports its errors by throwing.
+struct CUstream_st;
+typedef CUstream_st* cudaStream_t;
+enum cudaError_t : int { cudaSuccess = 0 };
+
 namespace emu {
 
 struct dim3 {
