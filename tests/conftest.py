@@ -4,7 +4,14 @@
 import os
 import zlib
 
-import torch
+# Under pytest-xdist (`-n auto`) each worker is a process of its own per core: one thread each, or the workers'
+# OpenMP and BLAS pools oversubscribe the cores and spin (about 10 % of the suite's time on 2 cores). The tests of
+# the multi-threaded paths set their own thread counts (tests/test_cpp.py, tests/test_small_gemm.py).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
+import torch  # noqa: E402
 
 # Triton picks compiling or interpreting when a kernel is defined, i.e. when fastseq is imported: decide now.
 if not torch.cuda.is_available():
