@@ -454,7 +454,12 @@ def test_torch_module_db_samples(name, device, kernel_backend):
     samples = info.module_inputs_func(info, device=device, dtype=torch.float32, requires_grad=True, training=True)
     assert len(samples) >= 2
     fast_cls = FAST_CLASS[info.module_cls]
+    # Interpreted on CPU the Triton kernels take every other sample (seconds each); the C++ kernels, and the Triton
+    # kernels on a GPU, take them all. The module code around the kernel is the same for every backend.
+    interpreted = kernel_backend == "triton" and device.type == "cpu"
     for i, sample in enumerate(samples):
+        if interpreted and i % 2:
+            continue
         c_args, c_kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
         theirs = info.module_cls(*c_args, **c_kwargs).to(device)
         ours = fast_cls(*c_args, **c_kwargs, backend=kernel_backend).to(device)
