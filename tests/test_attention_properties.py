@@ -101,11 +101,6 @@ def _torch_sdpa(q, k, v, mask, is_causal, scale, gqa):
     return F.scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal, scale=scale, enable_gqa=gqa)
 
 
-def _expand_kv(t, heads):
-    """k or v with its heads repeated to the query's (grouped-query attention)."""
-    return t.repeat_interleave(heads // t.shape[-3], dim=-3)
-
-
 def _run(fn, tensors, grad_out):
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     out = fn(*leaves)
@@ -158,7 +153,7 @@ def _check_case(target, case):
     # math backend keeps the P of its forward: each recomputed probability then carries a relative error of up to
     # about 2⁻²⁴·|s₂|·ln 2 (the rounding of s₂ and of lse₂, s₂ = log₂e · scale · q·k), which no accumulation
     # order removes. With large logits (|s₂| ~ 20) that term, not twice torch's error, bounds the gradients.
-    s2 = (q.double() @ _expand_kv(k.double(), q.shape[-3]).transpose(-1, -2)).abs().max().item()
+    s2 = (q.double() @ reference._expand_kv_heads(k.double(), q, True).transpose(-1, -2)).abs().max().item()
     s2 *= abs(scale if scale is not None else q.shape[-1] ** -0.5)
     if mask is not None and mask.is_floating_point() and torch.isfinite(mask).any():
         s2 += mask[torch.isfinite(mask)].abs().max().item()
